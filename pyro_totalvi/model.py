@@ -1,0 +1,202 @@
+"""totalVI as a Pyro model and guide: Eqs. (1)-(14) of the totalVI user guide, one line each.
+
+Shapes: ``B`` cells in the minibatch, ``G`` genes, ``T`` proteins, ``K`` batches, ``d`` latent
+dimensions. The cell plate is ``dim=-2`` so that genes and proteins can be plates (``dim=-1``)
+nested inside it; the per-cell vector ``z`` therefore carries a singleton dimension, ``(B, 1, d)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from .distributions import NegativeBinomial, NegativeBinomialMixture
+from .nn import BackgroundEncoder, Decoder, Encoder
+
+__all__ = ["TotalVIModule"]
+
+
+def _measured(protein_mask: torch.Tensor | None) -> torch.Tensor | bool:
+    # poutine.mask needs a bool or a tensor; True means "every protein measured".
+    return True if protein_mask is None else protein_mask
+
+
+class TotalVIModule(nn.Module):
+    """Generative model p(x, y, z, l, beta, v | s) and amortised guide q(z, l, beta | x, y, s).
+
+    Parameters
+    ----------
+    n_genes, n_proteins, n_batches
+        G, T and K.
+    n_latent
+        Dimension d of z.
+    n_covariates
+        Width of extra covariates given to the networks besides the one-hot batch.
+    protein_mixture
+        ``"marginal"``: ``v`` summed out analytically into a negative-binomial mixture (train with
+        ``Trace_ELBO``). ``"enumerate"``: ``v`` is a sample site enumerated in parallel and summed
+        out by ``TraceEnum_ELBO(max_plate_nesting=2)``. Both define the same ELBO.
+    use_observed_lib_size
+        Use ``l = sum_g x_g`` (passed as ``log_library``) instead of the latent ``l`` of Eq. (5).
+    library_log_means, library_log_vars
+        Per-batch mean and variance of log library size (Eq. 5 prior), shape ``(K,)``.
+    background_prior_mean, background_prior_scale
+        Initial ``c`` and ``exp(d)`` of Eq. (11), shape ``(T, K)``; random when ``None``.
+    n_hidden, n_layers_encoder, dropout_rate_encoder, dropout_rate_decoder
+        Network sizes, defaults as scvi-tools' TOTALVI.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_proteins: int,
+        n_batches: int = 1,
+        n_latent: int = 20,
+        n_covariates: int = 0,
+        protein_mixture: Literal["marginal", "enumerate"] = "marginal",
+        use_observed_lib_size: bool = True,
+        library_log_means: torch.Tensor | None = None,
+        library_log_vars: torch.Tensor | None = None,
+        background_prior_mean: torch.Tensor | None = None,
+        background_prior_scale: torch.Tensor | None = None,
+        n_hidden: int = 256,
+        n_layers_encoder: int = 2,
+        dropout_rate_encoder: float = 0.2,
+        dropout_rate_decoder: float = 0.2,
+    ):
+        super().__init__()
+        if protein_mixture not in ("marginal", "enumerate"):
+            raise ValueError(f"protein_mixture must be 'marginal' or 'enumerate', got {protein_mixture!r}")
+        self.n_genes, self.n_proteins, self.n_batches = n_genes, n_proteins, n_batches
+        self.n_latent = n_latent
+        self.protein_mixture = protein_mixture
+        self.use_observed_lib_size = use_observed_lib_size
+        n_cov = n_batches + n_covariates
+
+        self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov, n_hidden, n_layers_encoder,
+                               dropout_rate_encoder, latent_library=not use_observed_lib_size)
+        self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder)
+        self.background_encoder = BackgroundEncoder(n_latent, n_proteins, n_cov, n_hidden,
+                                                    dropout_rate_decoder)
+
+        # theta_g and phi_t, the global inverse dispersions, kept on the log scale (scvi-tools' init).
+        self.log_theta = nn.Parameter(torch.randn(n_genes))
+        self.log_phi = nn.Parameter(2 * torch.rand(n_proteins))
+        # c_t and d_t of Eq. (11): learned, one value per protein and batch; d on the log scale.
+        if background_prior_mean is None:
+            background_prior_mean = torch.randn(n_proteins, n_batches)
+            background_prior_scale = torch.rand(n_proteins, n_batches).clamp_min(1e-2)
+        self.background_c = nn.Parameter(torch.as_tensor(background_prior_mean, dtype=torch.float32))
+        self.background_log_d = nn.Parameter(
+            torch.as_tensor(background_prior_scale, dtype=torch.float32).log()
+        )
+        # l_mu and l_sigma^2 of Eq. (5) are data statistics, not learned: buffers.
+        zeros = torch.zeros(n_batches)
+        self.register_buffer("library_log_means", torch.as_tensor(
+            zeros if library_log_means is None else library_log_means, dtype=torch.float32))
+        self.register_buffer("library_log_vars", torch.as_tensor(
+            zeros + 1 if library_log_vars is None else library_log_vars, dtype=torch.float32))
+
+    # ------------------------------------------------------------------------------------------
+    def model(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        s: torch.Tensor,
+        log_library: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
+        protein_mask: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        n_obs: int | None = None,
+        kl_weight: float = 1.0,
+    ):
+        """p(x, y, z, l, beta, v | s).
+
+        Parameters
+        ----------
+        x, y
+            RNA ``(B, G)`` and protein ``(B, T)`` counts (``None`` to sample them).
+        s
+            One-hot batch ``(B, K)``.
+        log_library
+            ``(B, 1)`` log total RNA counts, required when the library is observed.
+        covariates
+            Extra network covariates ``(B, p)``.
+        protein_mask
+            Boolean ``(B, T)``: ``False`` where a protein was not measured; such entries add nothing
+            to the likelihood.
+        idx, n_obs
+            Indices of the minibatch among ``n_obs`` cells: the plate scales the minibatch by
+            ``n_obs / B`` so that the ELBO estimate is unbiased for the full data.
+        kl_weight
+            KL warm-up factor on the local latent sites ``z`` and ``beta``.
+        """
+        pyro.module("totalvi", self)
+        B = s.shape[0]
+        cov = s if covariates is None else torch.cat([s, covariates], dim=-1)
+        theta = self.log_theta.exp()  # theta_g: gene inverse dispersion
+        phi = self.log_phi.exp()  # phi_t: protein inverse dispersion
+        with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1))  # (1)
+            z = z.squeeze(-2)
+            rho, alpha, pi_logits = self.decoder(z, cov)  # (2)-(4), (6)-(8): f_rho, g_alpha, h_pi
+            if self.use_observed_lib_size:
+                library = log_library.exp()  # l_n observed: total RNA counts
+            else:
+                l_mu = (s @ self.library_log_means).unsqueeze(-1)
+                l_sigma = (s @ self.library_log_vars).sqrt().unsqueeze(-1)
+                library = pyro.sample("l", dist.LogNormal(l_mu, l_sigma))  # (5)
+
+            with pyro.plate("genes", self.n_genes, dim=-1):
+                pyro.sample("x", NegativeBinomial(library * rho, theta), obs=x)  # (10)
+
+            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=_measured(protein_mask)):
+                c, d = s @ self.background_c.T, (s @ self.background_log_d.T).exp()
+                with poutine.scale(scale=kl_weight):
+                    beta = pyro.sample("beta", dist.LogNormal(c, d))  # (11)
+                if self.protein_mixture == "enumerate":
+                    # v_nt = 1 means "background only"; pi is its probability.
+                    v = pyro.sample("v", dist.Bernoulli(logits=pi_logits),
+                                    infer={"enumerate": "parallel"})  # (12)
+                    mean = v * beta + (1 - v) * beta * alpha
+                    pyro.sample("y", NegativeBinomial(mean, phi), obs=y)  # (14)
+                else:
+                    # (12)-(14) with v summed out: pi NB(beta, phi) + (1 - pi) NB(beta alpha, phi)
+                    pyro.sample("y", NegativeBinomialMixture(beta, beta * alpha, phi, pi_logits),
+                                obs=y)
+
+    def guide(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        s: torch.Tensor,
+        log_library: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
+        protein_mask: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        n_obs: int | None = None,
+        kl_weight: float = 1.0,
+    ):
+        """q(beta | z, s) q(z | x, y, s) q(l | x, y, s); same arguments as :meth:`model`."""
+        pyro.module("totalvi", self)
+        B = s.shape[0]
+        cov = s if covariates is None else torch.cat([s, covariates], dim=-1)
+        if protein_mask is not None:
+            y = y * protein_mask  # an unmeasured protein's value must not inform q(z) either
+        z_loc, z_scale, l_loc, l_scale = self.encoder(x, y, cov)
+        with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", dist.Normal(z_loc.unsqueeze(-2), z_scale.unsqueeze(-2))
+                                .to_event(1))
+            if not self.use_observed_lib_size:
+                pyro.sample("l", dist.LogNormal(l_loc, l_scale))
+            loc, scale = self.background_encoder(z.squeeze(-2), cov)
+            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=_measured(protein_mask)):
+                with poutine.scale(scale=kl_weight):
+                    pyro.sample("beta", dist.LogNormal(loc, scale))

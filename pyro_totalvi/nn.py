@@ -1,0 +1,161 @@
+"""Neural networks of totalVI: the amortised encoders and the decoders f_rho, g_alpha, h_pi.
+
+The architecture copies scvi-tools' ``EncoderTOTALVI`` / ``DecoderTOTALVI`` defaults so that results
+can be compared one to one. Nothing here is probabilistic: ``model.py`` turns the outputs into
+distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FCLayers", "Encoder", "Decoder", "BackgroundEncoder"]
+
+
+class FCLayers(nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Dropout blocks; covariates join the input of every block.
+
+    Injecting the covariates (one-hot batch, other covariates) into every layer, rather than only the
+    first, is what lets deep decoders keep batch information (as scvi-tools' ``FCLayers``).
+
+    Parameters
+    ----------
+    n_in, n_out
+        Input and output widths.
+    n_cov
+        Width of the covariate vector concatenated to every layer's input.
+    n_layers, n_hidden
+        Depth and width of the hidden layers.
+    dropout, batch_norm, activation
+        Per-block options; ``activation=False`` makes a single affine map.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_cov: int = 0,
+        n_layers: int = 1,
+        n_hidden: int = 256,
+        dropout: float = 0.0,
+        batch_norm: bool = True,
+        activation: bool = True,
+    ):
+        super().__init__()
+        widths = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
+        self.linears = nn.ModuleList(
+            nn.Linear(a + n_cov, b) for a, b in zip(widths[:-1], widths[1:])
+        )
+        # momentum/eps as scvi-tools: a slow running average suits noisy minibatches of counts.
+        self.norms = nn.ModuleList(
+            nn.BatchNorm1d(b, momentum=0.01, eps=1e-3) if batch_norm else nn.Identity()
+            for b in widths[1:]
+        )
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, h: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
+        lead = h.shape[:-1]
+        # BatchNorm1d wants (N, C): fold any leading sample dimensions into N.
+        h = h.reshape(-1, h.shape[-1])
+        if cov is not None:
+            cov = cov.expand(*lead, cov.shape[-1]).reshape(-1, cov.shape[-1])
+        for linear, norm in zip(self.linears, self.norms):
+            if cov is not None:
+                h = torch.cat([h, cov], dim=-1)
+            h = linear(h)
+            if self.activation:
+                h = self.dropout(F.relu(norm(h)))
+        return h.reshape(*lead, h.shape[-1])
+
+
+class Encoder(nn.Module):
+    """q(z | x, y, s) and, for a latent library, q(l | x, y, s).
+
+    Input is ``log1p(x) ⊕ log1p(y)``; covariates ``s`` are injected in every hidden layer.
+    Returns ``(z_loc, z_scale, l_loc, l_scale)``; the last two are ``None`` when the library is
+    observed, so no compute is spent on an unused head.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_proteins: int,
+        n_latent: int,
+        n_cov: int,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout: float = 0.2,
+        latent_library: bool = False,
+    ):
+        super().__init__()
+        self.body = FCLayers(
+            n_genes + n_proteins, n_hidden, n_cov, n_layers, n_hidden, dropout=dropout
+        )
+        self.z_loc = nn.Linear(n_hidden, n_latent)
+        self.z_log_var = nn.Linear(n_hidden, n_latent)
+        self.latent_library = latent_library
+        if latent_library:
+            self.l_body = FCLayers(n_hidden, n_hidden, n_cov, 1, n_hidden, dropout=dropout)
+            self.l_loc = nn.Linear(n_hidden, 1)
+            self.l_log_var = nn.Linear(n_hidden, 1)
+
+    def forward(self, x, y, cov):
+        h = self.body(torch.cat([torch.log1p(x), torch.log1p(y)], dim=-1), cov)
+        # exp + 1e-4 (scvi-tools' var_eps) keeps the posterior scale away from 0.
+        z_scale = (self.z_log_var(h).exp() + 1e-4).sqrt()
+        if not self.latent_library:
+            return self.z_loc(h), z_scale, None, None
+        hl = self.l_body(h, cov)
+        # The clamp keeps exp(log l) finite in early training (scvi-tools clamps at 15 too).
+        l_loc = self.l_loc(hl).clamp(max=15.0)
+        return self.z_loc(h), z_scale, l_loc, (self.l_log_var(hl).exp() + 1e-4).sqrt()
+
+
+class _Head(nn.Module):
+    """One hidden layer on (z, s), then an affine map on (hidden ⊕ z, s): scvi-tools' decoder block."""
+
+    def __init__(self, n_latent, n_out, n_cov, n_hidden, dropout, activation_out=False):
+        super().__init__()
+        self.hidden = FCLayers(n_latent, n_hidden, n_cov, 1, n_hidden, dropout=dropout)
+        self.out = FCLayers(n_hidden + n_latent, n_out, n_cov, batch_norm=False, activation=False)
+        self.activation_out = activation_out
+
+    def forward(self, z, cov):
+        out = self.out(torch.cat([self.hidden(z, cov), z], dim=-1), cov)
+        return F.relu(out) if self.activation_out else out
+
+
+class Decoder(nn.Module):
+    """The generative networks f_rho (Eq. 6), g_alpha (Eq. 7) and h_pi (Eq. 8).
+
+    Returns ``rho`` (softmax over genes), ``alpha >= 1`` and the *logits* of ``pi``.
+    """
+
+    def __init__(self, n_latent, n_genes, n_proteins, n_cov, n_hidden=256, dropout=0.0):
+        super().__init__()
+        self.rho = _Head(n_latent, n_genes, n_cov, n_hidden, dropout)
+        self.alpha = _Head(n_latent, n_proteins, n_cov, n_hidden, dropout, activation_out=True)
+        self.pi = _Head(n_latent, n_proteins, n_cov, n_hidden, dropout)
+
+    def forward(self, z, cov):
+        rho = torch.softmax(self.rho(z, cov), dim=-1)
+        alpha = 1.0 + 1e-8 + self.alpha(z, cov)  # ReLU + 1: the foreground is never below background
+        return rho, alpha, self.pi(z, cov)
+
+
+class BackgroundEncoder(nn.Module):
+    """q(beta | z, s): location and scale of log beta, one per protein."""
+
+    def __init__(self, n_latent, n_proteins, n_cov, n_hidden=256, dropout=0.0):
+        super().__init__()
+        self.hidden = FCLayers(n_latent, n_hidden, n_cov, 1, n_hidden, dropout=dropout)
+        self.out = FCLayers(n_hidden + n_latent, 2 * n_proteins, n_cov, batch_norm=False,
+                            activation=False)
+
+    def forward(self, z, cov):
+        loc, raw_scale = self.out(torch.cat([self.hidden(z, cov), z], dim=-1), cov).chunk(2, -1)
+        # softplus (not exp) as scvi-tools >= 1.2: large raw outputs do not explode the scale.
+        return loc, F.softplus(raw_scale) + 1e-8

@@ -1,0 +1,91 @@
+"""Training on simulated and real data, history, divergence, reproducibility, save/load."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from pyro_totalvi import TOTALVI, TrainingDivergedError
+from pyro_totalvi.__main__ import _select_genes
+
+from .conftest import knn_accuracy, shared_file
+
+
+def test_validation_elbo_falls_and_latent_separates_groups(trained):
+    h = trained.history
+    assert {"elbo_train", "elbo_validation", "reconstruction_loss_validation",
+            "kl_local_validation", "kl_weight"} <= set(h.columns)
+    assert h["elbo_validation"].iloc[-1] < 0.8 * h["elbo_validation"].iloc[0]
+    assert np.isfinite(h.to_numpy(dtype=float)).all()
+    latent = trained.get_latent_representation()
+    assert latent.shape == (trained.adata.n_obs, 10)
+    acc = knn_accuracy(latent, trained.adata.obs["group"].to_numpy())
+    assert acc >= 0.9, acc
+
+
+def test_latent_order_follows_indices(trained):
+    idx = np.array([5, 1, 400, 3])
+    full = trained.get_latent_representation()
+    np.testing.assert_allclose(trained.get_latent_representation(indices=idx), full[idx],
+                               atol=1e-5)
+    sample = trained.get_latent_representation(indices=idx, give_mean=False)
+    assert not np.allclose(sample, full[idx])
+
+
+def test_same_seed_same_history(adata):
+    runs = []
+    for _ in range(2):
+        m = TOTALVI(adata, n_latent=5, n_hidden=32)
+        m.train(max_epochs=2, seed=7, progress_bar=False)
+        runs.append((m.history, m.get_latent_representation()))
+    np.testing.assert_array_equal(runs[0][0].to_numpy(), runs[1][0].to_numpy())
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("mixture", ["marginal", "enumerate"])
+@pytest.mark.parametrize("observed", [True, False])
+def test_all_variants_train(adata, mixture, observed):
+    m = TOTALVI(adata, n_latent=5, n_hidden=32, protein_mixture=mixture,
+                use_observed_lib_size=observed)
+    m.train(max_epochs=3, seed=0, progress_bar=False)
+    assert np.isfinite(m.history["elbo_validation"]).all()
+    assert m.get_elbo() == pytest.approx(m.get_elbo(), rel=0.05)
+
+
+def test_divergence_stops_and_keeps_last_good_parameters(adata):
+    m = TOTALVI(adata, n_latent=5, n_hidden=32)
+    m.train(max_epochs=1, seed=0, progress_bar=False)
+    good = {k: v.clone() for k, v in m.module.state_dict().items()}
+
+    def poison(grad):  # the first backward pass of the next run returns NaN gradients
+        return torch.full_like(grad, float("nan"))
+
+    handle = m.module.log_theta.register_hook(poison)
+    with pytest.raises(TrainingDivergedError, match="epoch 0, step 1"):
+        m.train(max_epochs=2, seed=0, progress_bar=False)
+    handle.remove()
+    for k, v in m.module.state_dict().items():
+        torch.testing.assert_close(v, good[k])
+
+
+def test_save_load_reproduces_latent(trained, tmp_path):
+    trained.save(tmp_path / "m")
+    with pytest.raises(FileExistsError):
+        trained.save(tmp_path / "m")
+    fresh = trained.adata.copy()
+    del fresh.uns["_pyro_totalvi"]
+    loaded = TOTALVI.load(tmp_path / "m", fresh)
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  trained.get_latent_representation())
+    assert loaded.history.shape == trained.history.shape
+
+
+def test_eccite_trains_50_epochs_without_nan():
+    adata = _select_genes(ad.read_h5ad(shared_file("eccite_pbmc_500.h5ad")), 2000)
+    TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    m = TOTALVI(adata)
+    m.train(max_epochs=50, seed=0, progress_bar=False)
+    h = m.history
+    assert len(h) == 50 and np.isfinite(h.to_numpy(dtype=float)).all()
+    assert h["elbo_validation"].iloc[-1] < h["elbo_validation"].iloc[0]
+    assert np.isfinite(m.get_latent_representation()).all()
