@@ -29,13 +29,15 @@ def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
     zeros, so they are evaluated only at the non-zero entries: lgamma and its gradient, digamma,
     were the most expensive kernels of a training step.
     """
-    x, mu, theta = torch.broadcast_tensors(x, mu, theta)
+    shape = torch.broadcast_shapes(x.shape, mu.shape, theta.shape)
     log_theta_mu = torch.log(theta + mu + _EPS)
     res = theta * (torch.log(theta + _EPS) - log_theta_mu) + x * (torch.log(mu + _EPS) - log_theta_mu)
-    nonzero = x > 0
-    xn, thn = x[nonzero], theta[nonzero]
+    # One nonzero() and flat gathers: boolean-mask indexing would rescan the tensor per operand.
+    flat_x = x.expand(shape).reshape(-1)
+    nz = flat_x.nonzero().squeeze(-1)
+    xn, thn = flat_x[nz], torch.take(theta.expand(shape), nz)
     gamma_terms = torch.lgamma(xn + thn) - torch.lgamma(thn) - torch.lgamma(xn + 1)
-    return res.masked_scatter(nonzero, res[nonzero] + gamma_terms)
+    return res.reshape(-1).index_add(0, nz, gamma_terms).view(shape)
 
 
 def _sample_nb(mu: torch.Tensor, theta: torch.Tensor, shape: torch.Size) -> torch.Tensor:

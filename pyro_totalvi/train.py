@@ -7,6 +7,7 @@ optimiser sees a per-cell loss (as scvi-tools; Adam's ``eps=0.01`` assumes that 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -38,6 +39,22 @@ def make_elbo(module: TotalVIModule):
     if module.protein_mixture == "enumerate":
         return TraceEnum_ELBO(max_plate_nesting=2)
     return Trace_ELBO()
+
+
+@contextlib.contextmanager
+def _fast_steps(module: TotalVIModule):
+    """Skip per-step work a training loop does not need; restored on exit, error or not.
+
+    Pyro's argument checks of every distribution at every step cost more than the NB likelihood
+    (the tests check shapes once, with validation on), and registering the networks with the
+    param store is unnecessary when a torch optimiser holds ``module.parameters()``.
+    """
+    module.register_with_pyro = False
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        module.register_with_pyro = True
 
 
 def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None):
@@ -170,34 +187,31 @@ def train(
     best, best_epoch, step = math.inf, 0, 0
     last_good = {k: v.detach().clone() for k, v in module.state_dict().items()}
     bar = tqdm(range(max_epochs), desc="Training", disable=not progress_bar, unit="epoch")
-    # Argument checks of every distribution at every step cost more than the NB likelihood;
-    # the shapes are checked once by the tests, with validation on.
-    validation = pyro.validation_enabled(False)
-    validation.__enter__()
     for epoch in bar:
         module.train()
         losses = []
-        for b, chunk in enumerate(_batches(train_idx, batch_size, rng)):
-            mb: Minibatch = data.minibatch(chunk)
-            # Pyro's poutine.scale needs a weight > 0: the first step uses the second's weight.
-            kl_weight = min(1.0, max(step, 1) / n_steps_kl_warmup) if n_steps_kl_warmup > 0 else 1.0
-            loss = elbo.differentiable_loss(
-                module.model, module.guide, *mb.args(), idx=mb.idx, n_obs=n_train,
-                kl_weight=kl_weight,
-            ) / n_train
-            if not torch.isfinite(loss):
-                validation.__exit__(None, None, None)
-                module.load_state_dict(last_good)
-                raise TrainingDivergedError(
-                    f"loss became {loss.item()} at epoch {epoch}, step {b} (global step {step}); "
-                    "the model keeps the parameters of the last finite step. Try a lower lr, "
-                    "check the input for outliers, or use a smaller batch_size."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
+        with _fast_steps(module):
+            for b, chunk in enumerate(_batches(train_idx, batch_size, rng)):
+                mb: Minibatch = data.minibatch(chunk)
+                # Pyro's poutine.scale needs a weight > 0: the first step uses the second's.
+                kl_weight = min(1.0, max(step, 1) / n_steps_kl_warmup) if n_steps_kl_warmup else 1.0
+                loss = elbo.differentiable_loss(
+                    module.model, module.guide, *mb.args(), idx=mb.idx, n_obs=n_train,
+                    kl_weight=kl_weight,
+                ) / n_train
+                if not torch.isfinite(loss):
+                    module.load_state_dict(last_good)
+                    raise TrainingDivergedError(
+                        f"loss became {loss.item()} at epoch {epoch}, step {b} (global step "
+                        f"{step}); the model keeps the parameters of the end of the last "
+                        "completed epoch. Try a lower lr, check the input for outliers, or use "
+                        "a larger batch_size."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
         # Cheap enough once per epoch; a divergence within an epoch rolls back to here.
         last_good = {k: v.detach().clone() for k, v in module.state_dict().items()}
         row = {"epoch": epoch, "loss_train": float(np.mean(losses)) if losses else math.nan,
@@ -217,6 +231,5 @@ def train(
             best, best_epoch = monitor, epoch
         elif early_stopping and len(val_idx) and epoch - best_epoch >= early_stopping_patience:
             break
-    validation.__exit__(None, None, None)
     module.eval()
     return pd.DataFrame(history).set_index("epoch"), {"train": train_idx, "validation": val_idx}
