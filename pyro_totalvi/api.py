@@ -22,7 +22,9 @@ from .data import (
     protein_background_prior,
     register_anndata,
 )
+from .de import DEMixin
 from .model import TotalVIModule
+from .posterior import PosteriorMixin
 from .train import evaluate, train
 
 __all__ = ["TOTALVI"]
@@ -32,7 +34,7 @@ logger = logging.getLogger("pyro_totalvi")
 FORMAT_VERSION = 1
 
 
-class TOTALVI:
+class TOTALVI(PosteriorMixin, DEMixin):
     """totalVI on AnnData: register with :meth:`setup_anndata`, then ``TOTALVI(adata).train()``.
 
     Parameters
@@ -156,18 +158,28 @@ class TOTALVI:
         early_stopping: bool = True,
         seed: int = 0,
         progress_bar: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
         **kwargs,
     ) -> TOTALVI:
         """Train by minibatch SVI; see :func:`pyro_totalvi.train.train` for ``**kwargs``.
 
         The per-epoch history (ELBO, reconstruction, KL on training and validation cells) is
         stored in :attr:`history`.
+
+        With ``checkpoint_dir``, a checkpoint (parameters, optimiser, RNG states, history, ...)
+        is written atomically to ``checkpoint_dir/checkpoint.pt`` every ``checkpoint_every``
+        epochs and at the end. After an interruption, ``TOTALVI(adata, <same settings>)
+        .train(<same arguments>, checkpoint_dir=..., resume=True)`` continues from it and ends
+        exactly as the uninterrupted run would have; other data or settings raise.
         """
         torch.manual_seed(seed)
         history, split = train(self.module, self.data, max_epochs=max_epochs, lr=lr,
                                batch_size=batch_size, train_size=train_size,
                                early_stopping=early_stopping, seed=seed,
-                               progress_bar=progress_bar, **kwargs)
+                               progress_bar=progress_bar, checkpoint_dir=checkpoint_dir,
+                               checkpoint_every=checkpoint_every, resume=resume, **kwargs)
         self.history = history if self.history is None else pd.concat([self.history, history])
         self.split = split
         self.is_trained = True
@@ -198,32 +210,6 @@ class TOTALVI:
             indices = np.flatnonzero(indices)
         return indices.astype(np.int64)
 
-    @torch.no_grad()
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,
-        indices=None,
-        give_mean: bool = True,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Posterior mean (or one sample) of z per cell, ``(n_cells, n_latent)``.
-
-        Store it the scanpy way: ``adata.obsm["X_totalvi"] = model.get_latent_representation()``.
-        """
-        data = self._data(adata)
-        idx = self._indices(data, indices)
-        self.module.eval()
-        out = []
-        for start in range(0, len(idx), batch_size or 1024):
-            chunk = idx[start : start + (batch_size or 1024)]
-            mb = data.minibatch(chunk)
-            z_loc, z_scale, _, _ = self.module.encoder(mb.x, mb.y, mb.s)
-            z = z_loc if give_mean else torch.distributions.Normal(z_loc, z_scale).sample()
-            # minibatch() sorts indices; restore the caller's order
-            order = np.argsort(np.argsort(chunk, kind="stable"), kind="stable")
-            out.append(z.numpy()[order])
-        return np.concatenate(out) if out else np.zeros((0, self.module.n_latent), np.float32)
-
     def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
         """Negative ELBO per cell (full KL, analytic as scvi-tools), lower is better."""
         data = self._data(adata)
@@ -249,10 +235,17 @@ class TOTALVI:
         }
         _atomic_write(path / "settings.json", json.dumps(settings, indent=1).encode())
         with tempfile.NamedTemporaryFile(dir=path, delete=False) as f:
-            torch.save(self.module.state_dict(), f)
+            try:
+                torch.save(self.module.state_dict(), f)
+            except BaseException:
+                f.close()
+                os.unlink(f.name)
+                raise
         os.replace(f.name, path / "params.pt")
         if self.history is not None:
-            self.history.to_csv(path / "history.csv")
+            _atomic_write(path / "history.csv", self.history.to_csv().encode())
+        elif (path / "history.csv").exists():  # overwrite=True: not another model's history
+            (path / "history.csv").unlink()
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData) -> TOTALVI:

@@ -288,14 +288,15 @@ def library_log_stats(data: CiteData) -> tuple[np.ndarray, np.ndarray]:
 
 
 def protein_background_prior(
-    data: CiteData, n_cells: int = 2000, seed: int = 0
+    data: CiteData, n_cells: int = 200, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Initial c_t, exp(d_t) of Eq. (11) per protein and batch, shape ``(T, K)``.
+    """Initial c_t, exp(d_t) of Eq. (11), shape ``(T, K)``, from the data (as scvi-tools).
 
-    For each batch and protein, a two-component Gaussian mixture on ``log(y + 1)`` of (up to
-    ``n_cells``) cells; the component with the smaller mean is the background population, and its
-    mean and standard deviation initialise the prior. Proteins not measured in a batch keep a
-    neutral (0, 1) that never reaches the likelihood.
+    For (up to ``n_cells``) cells of each batch, a two-component Gaussian mixture over the cell's
+    ``log(y + 1)`` across its measured proteins separates the background level of that cell from
+    its foreground; the mean and standard deviation of the lower component, aggregated over cells,
+    initialise every protein of the batch. A per-protein fit would call the upper half of a purely
+    background antibody (an isotype control) "foreground".
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
@@ -305,20 +306,25 @@ def protein_background_prior(
     mean, scale = np.zeros((T, K), np.float32), np.ones((T, K), np.float32)
     for b in range(K):
         cells = np.flatnonzero(data.batch == b)
+        measured = data.protein_measured[b]
+        if len(cells) == 0 or measured.sum() < 5:  # too few proteins to tell the two apart
+            mean[:, b], scale[:, b] = 0.0, 1.0
+            continue
         if len(cells) > n_cells:
             cells = rng.choice(cells, n_cells, replace=False)
-        for t in range(T):
-            if len(cells) == 0 or not data.protein_measured[b, t]:
-                continue
-            v = np.log1p(data.Y[cells, t]).reshape(-1, 1)
+        mus, sds = [], []
+        for c in cells:
+            v = np.log1p(data.Y[c, measured]).reshape(-1, 1)
             if len(np.unique(v)) < 2:
-                mean[t, b], scale[t, b] = v[0, 0], 0.1
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 gmm = GaussianMixture(2, random_state=seed).fit(v)
             lower = int(np.argmin(gmm.means_.ravel()))
-            mean[t, b] = gmm.means_.ravel()[lower]
-            # A floor: a point-mass background (e.g. all zeros) would give a degenerate prior.
-            scale[t, b] = max(float(np.sqrt(gmm.covariances_.ravel()[lower])), 0.1)
+            mus.append(gmm.means_.ravel()[lower])
+            sds.append(np.sqrt(gmm.covariances_.ravel()[lower]))
+        if mus:
+            mean[:, b] = np.mean(mus)
+            # floor: a cell whose background is one repeated count gives a point mass
+            scale[:, b] = max(float(np.sqrt(np.mean(np.square(sds)))), 0.05)
     return mean, scale

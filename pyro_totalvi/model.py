@@ -7,11 +7,13 @@ nested inside it; the per-cell vector ``z`` therefore carries a singleton dimens
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
 
@@ -49,6 +51,12 @@ class TotalVIModule(nn.Module):
         Initial ``c`` and ``exp(d)`` of Eq. (11), shape ``(T, K)``; random when ``None``.
     n_hidden, n_layers_encoder, dropout_rate_encoder, dropout_rate_decoder
         Network sizes, defaults as scvi-tools' TOTALVI.
+    background_preference
+        Weight ``w`` of a factor ``w log pi`` per cell and protein. Not part of Eqs. (1)-(14):
+        where counts cannot tell background from foreground (a protein with almost no counts,
+        such as an isotype control) the likelihood is flat in ``pi``, and this tips it to
+        background; it is negligible wherever the data speak. scvi-tools >= 1.2 adds the same
+        term. It is left out of reported ELBOs; 0 removes it.
     """
 
     def __init__(
@@ -68,6 +76,7 @@ class TotalVIModule(nn.Module):
         n_layers_encoder: int = 2,
         dropout_rate_encoder: float = 0.2,
         dropout_rate_decoder: float = 0.2,
+        background_preference: float = 1e-3,
     ):
         super().__init__()
         if protein_mixture not in ("marginal", "enumerate"):
@@ -76,6 +85,7 @@ class TotalVIModule(nn.Module):
         self.n_latent = n_latent
         self.protein_mixture = protein_mixture
         self.use_observed_lib_size = use_observed_lib_size
+        self.background_preference = background_preference
         n_cov = n_batches + n_covariates
 
         self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov, n_hidden, n_layers_encoder,
@@ -112,6 +122,30 @@ class TotalVIModule(nn.Module):
         if self.register_with_pyro:
             pyro.module("totalvi", self)
 
+    @contextlib.contextmanager
+    def fast_calls(self):
+        """Skip per-call work that loops over many minibatches do not need; restored on exit.
+
+        Pyro's argument checks of every distribution at every call cost more than the NB
+        likelihood (the tests check shapes once, with validation on), and registering the networks
+        with the param store is unnecessary when a torch optimiser holds ``self.parameters()``.
+        """
+        self.register_with_pyro = False
+        try:
+            with pyro.validation_enabled(False):
+                yield
+        finally:
+            self.register_with_pyro = True
+
+    @contextlib.contextmanager
+    def v_summed_out(self):
+        """Use the analytic mixture for ``v`` (same model, no enumeration dimension)."""
+        saved, self.protein_mixture = self.protein_mixture, "marginal"
+        try:
+            yield
+        finally:
+            self.protein_mixture = saved
+
     def model(
         self,
         x: torch.Tensor,
@@ -123,6 +157,7 @@ class TotalVIModule(nn.Module):
         idx: torch.Tensor | None = None,
         n_obs: int | None = None,
         kl_weight: float = 1.0,
+        decode_as: torch.Tensor | None = None,
     ):
         """p(x, y, z, l, beta, v | s).
 
@@ -144,10 +179,18 @@ class TotalVIModule(nn.Module):
             ``n_obs / B`` so that the ELBO estimate is unbiased for the full data.
         kl_weight
             KL warm-up factor on the local latent sites ``z`` and ``beta``.
+        decode_as
+            One-hot batch ``(B, K)`` that the generative networks and the background prior see
+            instead of ``s``: counterfactual expression "as if measured in that batch"
+            (``transform_batch``). The encoder always sees the cell's own ``s``.
+
+        Besides the sample sites, ``rho``, ``alpha`` and ``pi`` are recorded as
+        ``pyro.deterministic`` sites so that ``pyro.infer.Predictive`` returns them.
         """
         self._register_params()
         B = s.shape[0]
-        cov = s if covariates is None else torch.cat([s, covariates], dim=-1)
+        s_gen = s if decode_as is None else decode_as
+        cov = s_gen if covariates is None else torch.cat([s_gen, covariates], dim=-1)
         theta = self.log_theta.exp()  # theta_g: gene inverse dispersion
         phi = self.log_phi.exp()  # phi_t: protein inverse dispersion
         with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
@@ -163,10 +206,17 @@ class TotalVIModule(nn.Module):
                 library = pyro.sample("l", dist.LogNormal(l_mu, l_sigma))  # (5)
 
             with pyro.plate("genes", self.n_genes, dim=-1):
+                pyro.deterministic("rho", rho)
                 pyro.sample("x", NegativeBinomial(library * rho, theta), obs=x)  # (10)
 
-            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=_measured(protein_mask)):
-                c, d = s @ self.background_c.T, (s @ self.background_log_d.T).exp()
+            measured = _measured(protein_mask)
+            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=measured):
+                pyro.deterministic("alpha", alpha)
+                pyro.deterministic("pi", torch.sigmoid(pi_logits))
+                if self.background_preference:
+                    pyro.factor("background_preference",
+                                self.background_preference * F.logsigmoid(pi_logits))
+                c, d = s_gen @ self.background_c.T, (s_gen @ self.background_log_d.T).exp()
                 with poutine.scale(scale=kl_weight):
                     beta = pyro.sample("beta", dist.LogNormal(c, d))  # (11)
                 if self.protein_mixture == "enumerate":
@@ -191,11 +241,14 @@ class TotalVIModule(nn.Module):
         idx: torch.Tensor | None = None,
         n_obs: int | None = None,
         kl_weight: float = 1.0,
+        decode_as: torch.Tensor | None = None,
     ):
         """q(beta | z, s) q(z | x, y, s) q(l | x, y, s); same arguments as :meth:`model`."""
         self._register_params()
         B = s.shape[0]
         cov = s if covariates is None else torch.cat([s, covariates], dim=-1)
+        cov_gen = cov if decode_as is None else (
+            decode_as if covariates is None else torch.cat([decode_as, covariates], dim=-1))
         if protein_mask is not None:
             y = y * protein_mask  # an unmeasured protein's value must not inform q(z) either
         z_loc, z_scale, l_loc, l_scale = self.encoder(x, y, cov)
@@ -205,7 +258,8 @@ class TotalVIModule(nn.Module):
                                 .to_event(1))
             if not self.use_observed_lib_size:
                 pyro.sample("l", dist.LogNormal(l_loc, l_scale))
-            loc, scale = self.background_encoder(z.squeeze(-2), cov)
-            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=_measured(protein_mask)):
+            loc, scale = self.background_encoder(z.squeeze(-2), cov_gen)
+            measured = _measured(protein_mask)
+            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=measured):
                 with poutine.scale(scale=kl_weight):
                     pyro.sample("beta", dist.LogNormal(loc, scale))

@@ -62,8 +62,7 @@ def simulate(
     # Proteins: foreground pattern per group; pi is a smooth function of z through the
     # group-weighted pattern (a soft nearest-centre rule) so it stays a function of (z, s).
     foreground = rng.random((n_groups, T)) < 0.5
-    foreground[:, rng.permutation(T)[: max(1, T // 10)]] = True  # a few ubiquitous markers
-    log_fg_ratio = rng.uniform(np.log(3.0), np.log(15.0), T)  # alpha - 1 scale
+    log_fg_ratio = rng.uniform(np.log(5.0), np.log(20.0), T)  # alpha - 1 scale
     c = rng.normal(np.log(30.0), 0.6, T)[:, None] + rng.normal(0, 0.3, (1, K))  # c_t^T s
     d = np.full((T, K), 0.35)
     phi = np.exp(rng.normal(np.log(8.0), 0.3, T))

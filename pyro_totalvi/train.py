@@ -8,21 +8,38 @@ optimiser sees a per-cell loss (as scvi-tools; Adam's ``eps=0.01`` assumes that 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyro
+import pyro.util
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
-from .data import CiteData, Minibatch
+from .data import CiteData, Minibatch, TotalVIDataError
 from .model import TotalVIModule
 
-__all__ = ["train", "evaluate", "TrainingDivergedError", "default_max_epochs", "make_elbo"]
+__all__ = [
+    "train",
+    "evaluate",
+    "TrainingDivergedError",
+    "default_max_epochs",
+    "make_elbo",
+    "CHECKPOINT_NAME",
+    "load_checkpoint",
+]
+
+#: File name of the checkpoint inside ``checkpoint_dir``; each checkpoint replaces the last.
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
 
 
 class TrainingDivergedError(RuntimeError):
@@ -41,20 +58,10 @@ def make_elbo(module: TotalVIModule):
     return Trace_ELBO()
 
 
-@contextlib.contextmanager
-def _fast_steps(module: TotalVIModule):
-    """Skip per-step work a training loop does not need; restored on exit, error or not.
-
-    Pyro's argument checks of every distribution at every step cost more than the NB likelihood
-    (the tests check shapes once, with validation on), and registering the networks with the
-    param store is unnecessary when a torch optimiser holds ``module.parameters()``.
-    """
-    module.register_with_pyro = False
-    try:
-        with pyro.validation_enabled(False):
-            yield
-    finally:
-        module.register_with_pyro = True
+def site_log_prob(site: dict) -> torch.Tensor:
+    """Elementwise log density of a trace site with its mask applied (no plate scaling)."""
+    lp = site["fn"].log_prob(site["value"])
+    return lp if site["mask"] is None else lp * site["mask"]
 
 
 def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None):
@@ -63,7 +70,9 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | No
     for start in range(0, n, batch_size):
         chunk = order[start : start + batch_size]
         # BatchNorm needs at least 2 cells; a 1-2 cell tail is noise anyway (scvi-tools drops it).
-        if len(chunk) < 3 and n >= 3:
+        # The first chunk is always kept (train() guarantees it has >= 2 cells), and with
+        # batch_size=2 only a 1-cell tail is dropped.
+        if start > 0 and len(chunk) < min(3, batch_size):
             return
         yield chunk
 
@@ -82,35 +91,148 @@ def evaluate(module: TotalVIModule, data: CiteData, indices: np.ndarray, batch_s
     was_training = module.training
     module.eval()
     recon = kl = 0.0
-    mixture = module.protein_mixture
-    module.protein_mixture = "marginal"  # same ELBO, and no enumeration dimension to handle
+    # v summed out: the same ELBO as enumeration, without the enumeration dimension. No Pyro
+    # validation, as in training steps: it would reject the non-integer counts that
+    # setup_anndata accepts with a warning (the NB log density is defined for them).
     try:
-        for start in range(0, len(indices), batch_size):
-            mb = data.minibatch(indices[start : start + batch_size])
-            guide_tr = poutine.trace(module.guide).get_trace(*mb.args())
-            model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
-                *mb.args()
-            )
-            for name in ("x", "y"):
-                site = model_tr.nodes[name]
-                lp = site["fn"].log_prob(site["value"])
-                if site["mask"] is not None:
-                    lp = lp * site["mask"]
-                recon -= lp.sum().item()
-            for name in ("z", "l", "beta"):
-                if name not in guide_tr.nodes:
-                    continue
-                q, p = guide_tr.nodes[name]["fn"], model_tr.nodes[name]["fn"]
-                k = kl_divergence(q, p)
-                mask = model_tr.nodes[name]["mask"]
-                if mask is not None:
-                    k = k * mask
-                kl += k.sum().item()
+        with module.v_summed_out(), module.fast_calls():
+            for start in range(0, len(indices), batch_size):
+                mb = data.minibatch(indices[start : start + batch_size])
+                guide_tr = poutine.trace(module.guide).get_trace(*mb.args())
+                model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
+                    *mb.args()
+                )
+                recon -= sum(site_log_prob(model_tr.nodes[n]).sum().item() for n in ("x", "y"))
+                for name in ("z", "l", "beta"):
+                    if name not in guide_tr.nodes:
+                        continue
+                    q, p = guide_tr.nodes[name]["fn"], model_tr.nodes[name]["fn"]
+                    k = kl_divergence(q, p)
+                    mask = model_tr.nodes[name]["mask"]
+                    kl += (k if mask is None else k * mask).sum().item()
     finally:
-        module.protein_mixture = mixture
         module.train(was_training)
     n = max(len(indices), 1)
     return {"elbo": (recon + kl) / n, "reconstruction_loss": recon / n, "kl_local": kl / n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+def _data_fingerprint(data: CiteData) -> dict:
+    """Shape and a content hash of the training data, cheap and independent of X's storage.
+
+    Hashes per-cell library sizes, per-gene totals, protein counts, batch codes and names, so
+    different cells, a different order, other counts or other genes are all detected.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    gene_totals = np.asarray(data.X.sum(axis=0), dtype=np.float64).ravel()
+    for a in (data.log_library, gene_totals, data.Y, data.batch):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes() if a.size else b"")
+    h.update(repr((list(data.registry["protein_names"]),
+                   list(data.registry["batch_categories"]))).encode())
+    return {"n_obs": data.n_obs, "n_genes": data.n_genes, "n_proteins": data.n_proteins,
+            "n_batches": data.n_batches, "hash": h.hexdigest()}
+
+
+def _module_config(module: TotalVIModule) -> dict:
+    return {"n_latent": module.n_latent, "protein_mixture": module.protein_mixture,
+            "use_observed_lib_size": module.use_observed_lib_size,
+            "shapes": {k: list(v.shape) for k, v in module.state_dict().items()}}
+
+
+def _get_rng_states(rng: np.random.Generator) -> dict:
+    state = pyro.util.get_rng_state()  # torch (used by Pyro and dropout), random, numpy global
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    state["numpy"] = (name, keys.tolist(), pos, has_gauss, cached)  # loadable with weights_only
+    return {"numpy_generator": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "pyro": state}
+
+
+def _set_rng_states(rng: np.random.Generator, states: dict) -> None:
+    pyro_state = dict(states["pyro"])
+    name, keys, pos, has_gauss, cached = pyro_state["numpy"]
+    pyro_state["numpy"] = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+    pyro.util.set_rng_state(pyro_state)
+    torch.set_rng_state(states["torch"])
+    rng.bit_generator.state = states["numpy_generator"]
+
+
+def _write_checkpoint(directory: Path, payload: dict) -> None:
+    """``torch.save`` to a temporary file in ``directory``, then ``os.replace``: a reader (or a
+    crash) sees the previous checkpoint or the new one, never a partial file, and no temporary
+    file is left behind."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / CHECKPOINT_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
+    """The checkpoint that :func:`train` wrote to ``checkpoint_dir`` (a dict of plain values and
+    tensors: ``epoch``, ``history``, ``module``, ``optimizer``, ``rng``, ``split``, ...)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume=True but there is no checkpoint {path}; train once with "
+            f"checkpoint_dir={str(checkpoint_dir)!r} (and resume=False) first."
+        )
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise ValueError(f"{path} has checkpoint format version {version}; this pyro_totalvi "
+                         f"reads version {CHECKPOINT_VERSION}")
+    return state
+
+
+def _check_resumable(state: dict, path, data_fp: dict, module_cfg: dict, settings: dict) -> None:
+    """Refuse to resume with other data, another architecture or other training settings."""
+    saved = state["data"]
+    if any(saved[k] != data_fp[k] for k in ("n_obs", "n_genes", "n_proteins", "n_batches")):
+        raise TotalVIDataError(
+            f"checkpoint {path} was written for data of {saved['n_obs']} cells x "
+            f"{saved['n_genes']} genes x {saved['n_proteins']} proteins x {saved['n_batches']} "
+            f"batches; this data has {data_fp['n_obs']} x {data_fp['n_genes']} x "
+            f"{data_fp['n_proteins']} x {data_fp['n_batches']}. Resume on the same AnnData."
+        )
+    if saved["hash"] != data_fp["hash"]:
+        raise TotalVIDataError(
+            f"checkpoint {path} was written for other data of the same shape (the counts, cell "
+            "order or batches differ). Resume on the same AnnData."
+        )
+    cfg = state["module_config"]
+    diff = {k: (cfg.get(k), module_cfg[k]) for k in module_cfg
+            if k != "shapes" and cfg.get(k) != module_cfg[k]}
+    if diff or cfg.get("shapes") != module_cfg["shapes"]:
+        shapes = sorted(k for k in set(cfg["shapes"]) | set(module_cfg["shapes"])
+                        if cfg["shapes"].get(k) != module_cfg["shapes"].get(k))
+        raise ValueError(
+            f"checkpoint {path} holds a different model: "
+            + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
+            + (f"; parameter shapes differ for {shapes[:5]}" if shapes else "")
+            + ". Create the model with the same settings (n_latent, n_hidden, ...)."
+        )
+    bad = {k: (state["settings"].get(k), v) for k, v in settings.items()
+           if state["settings"].get(k) != v}
+    if bad:
+        raise ValueError(
+            f"checkpoint {path} was written with other training settings: "
+            + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in bad.items())
+            + ". Resume with the same settings (only max_epochs, checkpoint_every and "
+            "progress_bar may change)."
+        )
 
 
 def train(
@@ -130,6 +252,9 @@ def train(
     n_steps_kl_warmup: int | None = None,
     seed: int = 0,
     progress_bar: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> tuple[pd.DataFrame, dict]:
     """Train ``module`` on ``data`` by minibatch SVI.
 
@@ -140,7 +265,8 @@ def train(
     lr, weight_decay, eps
         Adam settings (scvi-tools' TOTALVI defaults).
     batch_size, train_size
-        Minibatch size and the fraction of cells used for training (the rest validate).
+        Minibatch size (at least 2: BatchNorm) and the fraction of cells used for training (the
+        rest validate). At least 2 cells always train; with 2 cells, none validate.
     early_stopping, early_stopping_patience
         Stop when the validation ELBO has not improved for this many epochs.
     reduce_lr_on_plateau, lr_patience, lr_factor
@@ -150,23 +276,50 @@ def train(
         Linear KL warm-up on ``z`` and ``beta`` over this many steps; default ``0.75 * n_cells``.
     seed
         Seeds the split, the minibatch order and every draw: same seed, same result.
+    checkpoint_dir, checkpoint_every
+        Every ``checkpoint_every`` epochs and at the end, atomically write
+        ``checkpoint_dir/checkpoint.pt`` (replacing the previous one): parameters, optimiser and
+        scheduler state, epoch and step, all RNG states, history, split and early-stopping state.
+        Without ``resume``, the run starts afresh and replaces any checkpoint there.
+    resume
+        Continue from the checkpoint in ``checkpoint_dir`` (the same ``module`` architecture,
+        ``data`` and settings; ``max_epochs`` may differ). A run interrupted after ``k`` epochs
+        and resumed ends exactly as the uninterrupted run. Raises ``FileNotFoundError`` without a
+        checkpoint, :class:`~pyro_totalvi.TotalVIDataError` for other data and ``ValueError``
+        for another model or other settings.
 
     Returns
     -------
     history
         One row per epoch: ``elbo_train``, ``elbo_validation``, ``reconstruction_loss_*``,
         ``kl_local_*`` (per cell, full KL weight), ``loss_train`` (the optimised objective with
-        the warm-up weight), ``kl_weight`` and ``lr``.
+        the warm-up weight), ``kl_weight`` and ``lr``. After ``resume``, the checkpointed epochs
+        come first.
     split
         ``{"train": indices, "validation": indices}``.
     """
     n = data.n_obs
+    if n < 2:
+        raise TotalVIDataError(
+            f"training needs at least 2 cells (BatchNorm normalises over a minibatch); the data "
+            f"has {n}."
+        )
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}")
+    if int(batch_size) < 2:
+        raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {batch_size}")
+    batch_size = int(batch_size)
+    if int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir that the interrupted run wrote to")
     max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
     n_steps_kl_warmup = int(0.75 * n) if n_steps_kl_warmup is None else n_steps_kl_warmup
     rng = np.random.default_rng(seed)
     pyro.set_rng_seed(seed)
     perm = rng.permutation(n)
-    n_train = n if train_size >= 1.0 else max(1, min(n - 1, int(math.ceil(train_size * n))))
+    # At least 2 training cells (BatchNorm); tiny data sets give up validation first.
+    n_train = n if train_size >= 1.0 else max(2, min(n - 1, int(math.ceil(train_size * n))))
     train_idx, val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
     # A fixed sample of training cells, as large as the validation set, tracks elbo_train with
     # the full KL weight at a fraction of an epoch's cost.
@@ -186,11 +339,58 @@ def train(
     history = []
     best, best_epoch, step = math.inf, 0, 0
     last_good = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    bar = tqdm(range(max_epochs), desc="Training", disable=not progress_bar, unit="epoch")
+    start_epoch, stopped = 0, False
+
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        data_fp, module_cfg = _data_fingerprint(data), _module_config(module)
+        # Everything that changes the trajectory; max_epochs does not (until it ends it).
+        settings = dict(
+            seed=seed, lr=float(lr), weight_decay=float(weight_decay), eps=float(eps),
+            batch_size=batch_size, train_size=float(train_size),
+            early_stopping=bool(early_stopping), early_stopping_patience=early_stopping_patience,
+            reduce_lr_on_plateau=bool(reduce_lr_on_plateau), lr_patience=lr_patience,
+            lr_factor=float(lr_factor), n_steps_kl_warmup=n_steps_kl_warmup,
+        )
+    if resume:
+        state = load_checkpoint(checkpoint_dir)
+        _check_resumable(state, checkpoint_dir / CHECKPOINT_NAME, data_fp, module_cfg, settings)
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        last_good = state["last_good"]
+        history = list(state["history"])
+        best, best_epoch, step = state["best"], state["best_epoch"], state["step"]
+        start_epoch, stopped = state["epoch"], state["stopped_early"]
+        split = state["split"]
+        train_idx, val_idx, train_probe = (split[k].numpy() for k in
+                                           ("train", "validation", "train_probe"))
+        _set_rng_states(rng, state["rng"])  # last: the split above drew from the seeded RNGs
+
+    def checkpoint(epochs_done: int) -> None:
+        _write_checkpoint(checkpoint_dir, {
+            "format_version": CHECKPOINT_VERSION,
+            "data": data_fp, "module_config": module_cfg, "settings": settings,
+            "epoch": epochs_done, "step": step, "best": best, "best_epoch": best_epoch,
+            "stopped_early": stopped, "history": history,
+            # At the end of an epoch the module's state *is* last_good: one dict, stored once.
+            "module": last_good, "last_good": last_good,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "rng": _get_rng_states(rng),
+            "split": {"train": torch.from_numpy(train_idx),
+                      "validation": torch.from_numpy(val_idx),
+                      "train_probe": torch.from_numpy(train_probe)},
+        })
+
+    epochs = range(start_epoch, max_epochs) if not stopped else range(0)
+    bar = tqdm(epochs, desc="Training", disable=not progress_bar, unit="epoch",
+               initial=start_epoch, total=max(max_epochs, start_epoch))
     for epoch in bar:
         module.train()
         losses = []
-        with _fast_steps(module):
+        with module.fast_calls():
             for b, chunk in enumerate(_batches(train_idx, batch_size, rng)):
                 mb: Minibatch = data.minibatch(chunk)
                 # Pyro's poutine.scale needs a weight > 0: the first step uses the second's.
@@ -230,6 +430,14 @@ def train(
         if monitor < best:
             best, best_epoch = monitor, epoch
         elif early_stopping and len(val_idx) and epoch - best_epoch >= early_stopping_patience:
+            stopped = True
+        if checkpoint_dir is not None and (
+            stopped or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == max_epochs
+        ):
+            checkpoint(epoch + 1)
+        if stopped:
             break
     module.eval()
-    return pd.DataFrame(history).set_index("epoch"), {"train": train_idx, "validation": val_idx}
+    frame = pd.DataFrame(history)
+    frame = frame.set_index("epoch") if len(frame) else frame.rename_axis("epoch")
+    return frame, {"train": train_idx, "validation": val_idx}

@@ -46,7 +46,7 @@ def trained(sim_adata):
 
 def knn_accuracy(latent: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     """Leave-one-out k-NN accuracy of ``labels`` in ``latent``."""
-    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
 
     return float(cross_val_score(KNeighborsClassifier(k), latent, labels, cv=5).mean())

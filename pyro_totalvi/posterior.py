@@ -1,0 +1,412 @@
+"""Posterior queries of a trained totalVI, drawn with ``pyro.infer.Predictive``.
+
+Every function works through the cells in chunks and keeps running sums over posterior samples, so
+memory is O(chunk x features) whatever ``n_samples`` is; only functions documented to return all
+samples (``return_mean=False``, ``posterior_predictive_sample``) hold more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from pyro import poutine
+from pyro.infer import Predictive
+from pyro.poutine.util import site_is_subsample
+from tqdm.auto import tqdm
+
+from .data import CiteData, Minibatch, TotalVIDataError
+from .train import evaluate, site_log_prob
+
+__all__ = ["PosteriorMixin"]
+
+_CHUNK = 512
+
+
+class PosteriorMixin:
+    """Methods of :class:`~pyro_totalvi.TOTALVI` that query the posterior (scvi-tools' names)."""
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _chunks(
+        self, data: CiteData, idx: np.ndarray, batch_size: int | None
+    ) -> Iterator[tuple[np.ndarray, Minibatch]]:
+        """Yield ``(positions, minibatch)``: rows of the minibatch go to ``out[positions]``.
+
+        ``CiteData.minibatch`` sorts the cells it is given; ``positions`` undo that, so results
+        follow the order of ``indices``.
+        """
+        size = batch_size or _CHUNK
+        for start in range(0, len(idx), size):
+            chunk = idx[start : start + size]
+            yield start + np.argsort(chunk, kind="stable"), data.minibatch(chunk)
+
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        """``transform_batch`` (None, a category or a list) as batch codes; None = own batch."""
+        if transform_batch is None:
+            return [None]
+        cats = list(self.registry["batch_categories"])
+        items = transform_batch if isinstance(transform_batch, (list, tuple)) else [transform_batch]
+        codes = []
+        for item in items:
+            if str(item) not in cats:
+                raise TotalVIDataError(
+                    f"transform_batch {item!r} is not a batch seen at training time; "
+                    f"known batches: {cats}"
+                )
+            codes.append(cats.index(str(item)))
+        return codes
+
+    def _one_hot(self, code: int | None, n: int) -> torch.Tensor | None:
+        if code is None:
+            return None
+        return torch.nn.functional.one_hot(torch.full((n,), code), self.module.n_batches).float()
+
+    def _draws(self, mb: Minibatch, n_samples: int, code: int | None, sites: Sequence[str]):
+        """``n_samples`` posterior draws of ``sites`` for one minibatch, one draw at a time.
+
+        ``Predictive`` runs the guide (z, l, beta ~ q) and then the model conditioned on those
+        draws, returning the deterministic sites ``rho``, ``alpha``, ``pi`` along the way.
+        """
+        predictive = Predictive(self.module.model, guide=self.module.guide, num_samples=1,
+                                return_sites=list(sites))
+        decode_as = self._one_hot(code, len(mb.idx))
+        for _ in range(n_samples):
+            draw = predictive(*mb.args(), decode_as=decode_as)
+            yield {k: v[0] for k, v in draw.items()}
+
+    def _select(self, names: Sequence[str], wanted, what: str) -> np.ndarray:
+        if wanted is None:
+            return np.arange(len(names))
+        lookup = {n: i for i, n in enumerate(names)}
+        missing = [w for w in wanted if w not in lookup]
+        if missing:
+            raise KeyError(f"{what} not in the model: {missing[:5]}")
+        return np.array([lookup[w] for w in wanted], dtype=np.int64)
+
+    def _prepare(self, adata, indices):
+        self.module.eval()
+        data = self._data(adata)
+        return data, self._indices(data, indices)
+
+    # -- latent quantities ---------------------------------------------------------------------
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Posterior mean (or one sample) of z per cell, ``(n_cells, n_latent)``.
+
+        Store it the scanpy way: ``adata.obsm["X_totalvi"] = model.get_latent_representation()``.
+        """
+        data, idx = self._prepare(adata, indices)
+        out = np.zeros((len(idx), self.module.n_latent), dtype=np.float32)
+        for pos, mb in self._chunks(data, idx, batch_size):
+            y = mb.y if mb.protein_mask is None else mb.y * mb.protein_mask
+            z_loc, z_scale, _, _ = self.module.encoder(mb.x, y, mb.s)
+            z = z_loc if give_mean else torch.distributions.Normal(z_loc, z_scale).sample()
+            out[pos] = z.numpy()
+        return out
+
+    @torch.no_grad()
+    def get_latent_library_size(
+        self, adata: AnnData | None = None, indices=None, give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Library size ``l`` per cell, ``(n_cells, 1)``: observed totals, or E_q[l] (or a draw)."""
+        data, idx = self._prepare(adata, indices)
+        out = np.zeros((len(idx), 1), dtype=np.float32)
+        for pos, mb in self._chunks(data, idx, batch_size):
+            if self.module.use_observed_lib_size:
+                out[pos] = mb.log_library.exp().numpy()
+                continue
+            _, _, loc, scale = self.module.encoder(mb.x, mb.y, mb.s)
+            q = torch.distributions.LogNormal(loc, scale)
+            out[pos] = (q.mean if give_mean else q.sample()).numpy()
+        return out
+
+    @torch.no_grad()
+    def get_protein_background_mean(
+        self, adata: AnnData | None = None, indices=None, n_samples: int = 1,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """E_q[beta] per cell and protein, ``(n_cells, n_proteins)`` (averaged over z draws)."""
+        data, idx = self._prepare(adata, indices)
+        out = np.zeros((len(idx), self.module.n_proteins), dtype=np.float32)
+        for pos, mb in self._chunks(data, idx, batch_size):
+            acc = 0.0
+            with self.module.fast_calls():
+                for _ in range(n_samples):
+                    guide = poutine.trace(self.module.guide).get_trace(*mb.args())
+                    acc = acc + guide.nodes["beta"]["fn"].mean
+            out[pos] = (acc / n_samples).numpy()
+        return out
+
+    # -- denoised expression -------------------------------------------------------------------
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        protein_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        sample_protein_mixing: bool = False,
+        scale_protein: bool = False,
+        include_protein_background: bool = False,
+        return_mean: bool = True,
+        return_numpy: bool = False,
+        batch_size: int | None = None,
+        progress_bar: bool = False,
+    ):
+        r"""Denoised RNA and protein expression, Monte Carlo averaged over q.
+
+        RNA: :math:`E_q[l' \rho_n]` with :math:`l'` = ``library_size`` (``"latent"``: the cell's
+        own library). Protein: :math:`E_q[(1 - \pi_{nt}) \beta_{nt} \alpha_{nt}]`, plus
+        :math:`\pi_{nt}\beta_{nt}` with ``include_protein_background``; with
+        ``sample_protein_mixing`` a draw :math:`v_{nt} \sim \mathrm{Bernoulli}(\pi_{nt})` replaces
+        :math:`\pi_{nt}`; ``scale_protein`` divides by the per-cell protein total.
+
+        Parameters
+        ----------
+        transform_batch
+            A batch category, or a list of them (averaged): the generative networks decode every
+            cell as if it came from that batch (counterfactual expression). ``None``: own batch.
+        n_samples, return_mean
+            Number of posterior draws; ``return_mean=False`` returns every draw (arrays of shape
+            ``(n_samples, n_cells, n_features)``, memory grows with ``n_samples``).
+        return_numpy
+            Arrays instead of DataFrames (cells x genes / proteins).
+
+        Returns
+        -------
+        ``(rna, protein)``.
+        """
+        data, idx = self._prepare(adata, indices)
+        names = self._cell_names(adata, idx)
+        g_sel = self._select(list(map(str, self.adata.var_names)), gene_list, "genes")
+        p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
+        codes = self._batch_codes(transform_batch)
+        lead = () if return_mean else (n_samples,)
+        rna_out = np.zeros(lead + (len(idx), len(g_sel)), dtype=np.float32)
+        pro_out = np.zeros(lead + (len(idx), len(p_sel)), dtype=np.float32)
+        sites = ["rho", "alpha", "pi", "beta"] + (["l"] if library_size == "latent" and
+                                                  not self.module.use_observed_lib_size else [])
+        g_t, p_t = torch.from_numpy(g_sel), torch.from_numpy(p_sel)
+        n_chunks = -(-len(idx) // (batch_size or _CHUNK))
+        chunks = tqdm(self._chunks(data, idx, batch_size), total=n_chunks,
+                      disable=not progress_bar, desc="Normalized expression")
+        with self.module.fast_calls():
+            for pos, mb in chunks:
+                rna_acc = torch.zeros(lead + (len(pos), len(g_sel)))
+                pro_acc = torch.zeros(lead + (len(pos), len(p_sel)))
+                for code in codes:
+                    for k, d in enumerate(self._draws(mb, n_samples, code, sites)):
+                        if library_size == "latent":
+                            lib = d["l"] if "l" in d else mb.log_library.exp()
+                        else:
+                            lib = float(library_size)
+                        rna = (lib * d["rho"])[:, g_t]
+                        pi = d["pi"]
+                        if sample_protein_mixing:
+                            pi = torch.bernoulli(pi)
+                        pro = (1 - pi) * d["beta"] * d["alpha"]
+                        if include_protein_background:
+                            pro = pro + pi * d["beta"]
+                        if scale_protein:
+                            pro = pro / pro.sum(-1, keepdim=True)
+                        if return_mean:
+                            rna_acc += rna
+                            pro_acc += pro[:, p_t]
+                        else:
+                            rna_acc[k] += rna
+                            pro_acc[k] += pro[:, p_t]
+                n_avg = len(codes) * (n_samples if return_mean else 1)
+                rna_out[..., pos, :] = (rna_acc / n_avg).numpy()
+                pro_out[..., pos, :] = (pro_acc / n_avg).numpy()
+        if return_numpy or not return_mean:
+            return rna_out, pro_out
+        genes = np.asarray(self.adata.var_names)[g_sel]
+        proteins = np.asarray(self.registry["protein_names"])[p_sel]
+        return (pd.DataFrame(rna_out, index=names, columns=genes),
+                pd.DataFrame(pro_out, index=names, columns=proteins))
+
+    @torch.no_grad()
+    def get_protein_foreground_probability(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        transform_batch=None,
+        protein_list: Sequence[str] | None = None,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        return_numpy: bool = False,
+        batch_size: int | None = None,
+    ):
+        r"""Posterior probability that each protein is foreground, :math:`E_q[1 - \pi_{nt}]`."""
+        data, idx = self._prepare(adata, indices)
+        p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
+        codes = self._batch_codes(transform_batch)
+        lead = () if return_mean else (n_samples,)
+        out = np.zeros(lead + (len(idx), len(p_sel)), dtype=np.float32)
+        p_t = torch.from_numpy(p_sel)
+        with self.module.fast_calls():
+            for pos, mb in self._chunks(data, idx, batch_size):
+                acc = torch.zeros(lead + (len(pos), len(p_sel)))
+                for code in codes:
+                    for k, d in enumerate(self._draws(mb, n_samples, code, ["pi"])):
+                        fg = 1 - d["pi"][:, p_t]
+                        if return_mean:
+                            acc += fg
+                        else:
+                            acc[k] += fg
+                out[..., pos, :] = (acc / (len(codes) * (n_samples if return_mean else 1))).numpy()
+        if return_numpy or not return_mean:
+            return out
+        return pd.DataFrame(out, index=self._cell_names(adata, idx),
+                            columns=np.asarray(self.registry["protein_names"])[p_sel])
+
+    @torch.no_grad()
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        protein_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Counts drawn from p(x, y | z, l, beta) with (z, l, beta) ~ q: replicated data.
+
+        Two ``Predictive`` passes: the guide draws the latent variables from the observed cells,
+        then the model, conditioned on them and given no counts, samples ``x`` and ``y``.
+
+        Returns
+        -------
+        ``(rna, protein)`` of shape ``(n_cells, n_features)``, or
+        ``(n_cells, n_features, n_samples)`` when ``n_samples > 1`` (all draws are returned).
+        """
+        data, idx = self._prepare(adata, indices)
+        g_sel = self._select(list(map(str, self.adata.var_names)), gene_list, "genes")
+        p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
+        rna = np.zeros((len(idx), len(g_sel), n_samples), dtype=np.float32)
+        pro = np.zeros((len(idx), len(p_sel), n_samples), dtype=np.float32)
+        latent = ["z", "beta"] + ([] if self.module.use_observed_lib_size else ["l"])
+        with self.module.fast_calls():
+            for pos, mb in self._chunks(data, idx, batch_size):
+                q = Predictive(self.module.guide, num_samples=n_samples, return_sites=latent)
+                draws = q(*mb.args())
+                p = Predictive(self.module.model, posterior_samples=draws, return_sites=["x", "y"])
+                args = list(mb.args())
+                args[0] = args[1] = None
+                rep = p(*args)
+                rna[pos] = rep["x"][..., g_sel].permute(1, 2, 0).numpy()
+                pro[pos] = rep["y"][..., p_sel].permute(1, 2, 0).numpy()
+        if n_samples == 1:
+            return rna[..., 0], pro[..., 0]
+        return rna, pro
+
+    @torch.no_grad()
+    def get_feature_correlation_matrix(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int | None = None,
+        rna_size_factor: float = 1000,
+        transform_batch=None,
+        correlation_type: str = "spearman",
+        log_transform: bool = False,
+    ) -> pd.DataFrame:
+        """Correlation of genes and proteins over cells and posterior draws of denoised values.
+
+        Draws are ``rna_size_factor * rho`` and ``(1 - v) beta alpha`` with ``v ~ Bernoulli(pi)``,
+        one per cell, sample and ``transform_batch`` entry. Pearson uses running sums (memory
+        O(features^2)); Spearman needs the ranks of all draws, so it keeps them
+        (cells x n_samples x features float32): subsample cells with ``indices`` for big data.
+        """
+        if correlation_type not in ("spearman", "pearson"):
+            raise ValueError("correlation_type must be 'spearman' or 'pearson'")
+        data, idx = self._prepare(adata, indices)
+        names = list(map(str, self.adata.var_names)) + list(self.registry["protein_names"])
+        kept, n, s1, s2 = [], 0, 0.0, 0.0
+        with self.module.fast_calls():
+            for _, mb in self._chunks(data, idx, batch_size):
+                for code in self._batch_codes(transform_batch):
+                    for d in self._draws(mb, n_samples, code, ["rho", "alpha", "pi", "beta"]):
+                        v = torch.bernoulli(d["pi"])
+                        vals = torch.cat([rna_size_factor * d["rho"],
+                                          (1 - v) * d["beta"] * d["alpha"]], dim=-1).double()
+                        if log_transform:
+                            vals = torch.log1p(vals)
+                        if correlation_type == "spearman":
+                            kept.append(vals.float().numpy())
+                        else:
+                            n, s1, s2 = n + len(vals), s1 + vals.sum(0), s2 + vals.T @ vals
+        if correlation_type == "spearman":
+            from scipy.stats import rankdata
+
+            ranks = rankdata(np.concatenate(kept), axis=0)
+            corr = np.corrcoef(ranks, rowvar=False)
+        else:
+            mean = s1 / n
+            cov = s2 / n - torch.outer(mean, mean)
+            sd = cov.diagonal().clamp_min(1e-30).sqrt()
+            corr = (cov / torch.outer(sd, sd)).numpy()
+        return pd.DataFrame(corr, index=names, columns=names)
+
+    # -- likelihood ----------------------------------------------------------------------------
+    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None,
+                                 batch_size: int = 1024) -> float:
+        """Mean negative log-likelihood per cell of (x, y) under one draw of q (lower is better)."""
+        data, idx = self._prepare(adata, indices)
+        return evaluate(self.module, data, idx, batch_size)["reconstruction_loss"]
+
+    @torch.no_grad()
+    def get_marginal_ll(self, adata: AnnData | None = None, indices=None,
+                        n_mc_samples: int = 1000, batch_size: int | None = None) -> float:
+        r"""Importance-sampled :math:`\log p(x, y)` per cell (mean over cells; higher is better).
+
+        :math:`\log \frac1K \sum_k p(x, y, z_k, l_k, \beta_k) / q(z_k, l_k, \beta_k \mid x, y)`
+        with the guide as proposal, ``v`` summed out. By Jensen's inequality it is at least the
+        ELBO (``-get_elbo()``) in expectation, and tighter as ``n_mc_samples`` grows.
+        """
+        data, idx = self._prepare(adata, indices)
+        total = 0.0
+        with self.module.fast_calls(), self.module.v_summed_out():
+            for _, mb in self._chunks(data, idx, batch_size):
+                log_w = torch.stack([_log_weight(self.module, mb) for _ in range(n_mc_samples)])
+                total += (torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).sum().item()
+        return total / max(len(idx), 1)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _cell_names(self, adata: AnnData | None, idx: np.ndarray) -> pd.Index:
+        return (self.adata if adata is None else adata).obs_names[idx]
+
+
+def _per_cell(site) -> torch.Tensor:
+    lp = site_log_prob(site)
+    return lp.reshape(lp.shape[0], -1).sum(-1)
+
+
+def _log_weight(module, mb: Minibatch) -> torch.Tensor:
+    """log p(x, y, z, l, beta) - log q(z, l, beta) per cell for one draw from the guide."""
+    guide = poutine.trace(module.guide).get_trace(*mb.args())
+    model = poutine.trace(poutine.replay(module.model, trace=guide)).get_trace(*mb.args())
+    log_w = 0.0
+    for site in model.nodes.values():
+        if (site["type"] == "sample" and not site_is_subsample(site)
+                and not site["infer"].get("_deterministic")):
+            log_w = log_w + _per_cell(site)
+    for site in guide.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            log_w = log_w - _per_cell(site)
+    return log_w
+
