@@ -435,7 +435,7 @@ class OursSide:
         return out
 
     def neg_elbo(self, indices):
-        return float(self.model.get_elbo(indices=indices))
+        return float(-self.model.get_elbo(indices=indices))  # both return the ELBO; report -ELBO
 
     def neg_elbo_terms(self, indices):
         return {}

@@ -25,7 +25,7 @@ from .data import (
 from .de import DEMixin
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
-from .train import evaluate, train
+from .train import train
 
 __all__ = ["TOTALVI"]
 
@@ -209,11 +209,6 @@ class TOTALVI(PosteriorMixin, DEMixin):
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
         return indices.astype(np.int64)
-
-    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
-        """Negative ELBO per cell (full KL, analytic as scvi-tools), lower is better."""
-        data = self._data(adata)
-        return evaluate(self.module, data, self._indices(data, indices), batch_size)["elbo"]
 
     # ------------------------------------------------------------------------------------------
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False) -> None:

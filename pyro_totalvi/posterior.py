@@ -363,6 +363,15 @@ class PosteriorMixin:
         return pd.DataFrame(corr, index=names, columns=names)
 
     # -- likelihood ----------------------------------------------------------------------------
+    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
+        """ELBO per cell (higher is better, as scvi-tools): full KL weight, analytic KL.
+
+        ``history["elbo_*"]`` holds the negative of this quantity (lower is better), as in
+        scvi-tools' training history.
+        """
+        data, idx = self._prepare(adata, indices)
+        return -evaluate(self.module, data, idx, batch_size)["elbo"]
+
     def get_reconstruction_error(self, adata: AnnData | None = None, indices=None,
                                  batch_size: int = 1024) -> float:
         """Mean negative log-likelihood per cell of (x, y) under one draw of q (lower is better)."""
@@ -376,7 +385,7 @@ class PosteriorMixin:
 
         :math:`\log \frac1K \sum_k p(x, y, z_k, l_k, \beta_k) / q(z_k, l_k, \beta_k \mid x, y)`
         with the guide as proposal, ``v`` summed out. By Jensen's inequality it is at least the
-        ELBO (``-get_elbo()``) in expectation, and tighter as ``n_mc_samples`` grows.
+        ELBO (``get_elbo()``) in expectation, and tighter as ``n_mc_samples`` grows.
         """
         data, idx = self._prepare(adata, indices)
         total = 0.0
