@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -18,9 +19,13 @@ from .data import (
     REGISTRY_KEY,
     CiteData,
     TotalVIDataError,
+    anndata_from_mudata,
+    is_mudata,
     library_log_stats,
     protein_background_prior,
     register_anndata,
+    register_like,
+    register_mudata,
 )
 from .de import DEMixin
 from .model import TotalVIModule
@@ -40,7 +45,8 @@ class TOTALVI(PosteriorMixin, DEMixin):
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`.
+        AnnData registered with :meth:`setup_anndata`, or MuData registered with
+        :meth:`setup_mudata`. Every method that takes ``adata`` takes a MuData as well.
     n_latent
         Dimension of z.
     protein_mixture
@@ -54,7 +60,9 @@ class TOTALVI(PosteriorMixin, DEMixin):
     seed
         Seeds the initial network weights (the global torch RNG is left as it was).
     **network_kwargs
-        ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``.
+        ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``,
+        ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
+        the covariates, as in scvi-tools).
 
     Examples
     --------
@@ -75,6 +83,17 @@ class TOTALVI(PosteriorMixin, DEMixin):
         seed: int = 0,
         **network_kwargs,
     ):
+        #: the MuData given, if any; :attr:`adata` is then its RNA modality as an AnnData with
+        #: the protein counts in ``obsm["protein_expression"]`` (see :meth:`setup_mudata`)
+        self.mdata = None
+        if is_mudata(adata):
+            if REGISTRY_KEY not in adata.uns:
+                raise TotalVIDataError(
+                    "mdata is not registered: call TOTALVI.setup_mudata(mdata, ...) first.")
+            self.mdata = adata
+            registry = dict(adata.uns[REGISTRY_KEY])
+            adata = anndata_from_mudata(self.mdata, registry)
+            adata.uns[REGISTRY_KEY] = registry
         self.adata = adata
         self.data = CiteData(adata)
         self.registry = self.data.registry
@@ -88,9 +107,18 @@ class TOTALVI(PosteriorMixin, DEMixin):
             **network_kwargs,
         )
         missing = ~self.data.protein_measured
+        user_mask = (self.registry.get("protein_mask") is not None
+                     or self.registry.get("protein_mask_obsm_key") is not None)
+        why = "protein_mask" if user_mask else "all zero there"
         for b, t in zip(*np.nonzero(missing)):
-            logger.info("protein %r is treated as missing in batch %r (all zero there)",
-                        self.registry["protein_names"][t], self.registry["batch_categories"][b])
+            logger.info("protein %r is treated as missing in batch %r (%s)",
+                        self.registry["protein_names"][t], self.registry["batch_categories"][b],
+                        why)
+        if self.data.cell_protein_mask is not None:
+            logger.info("protein_mask %r masks %d of %d cell-protein entries",
+                        self.registry["protein_mask_obsm_key"],
+                        int((~self.data.cell_protein_mask).sum()),
+                        self.data.cell_protein_mask.size)
         l_mu, l_var = library_log_stats(self.data)
         prior_mean = prior_scale = None
         if empirical_protein_background_prior:
@@ -103,6 +131,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
                 self.data.n_genes,
                 self.data.n_proteins,
                 self.data.n_batches,
+                n_covariates=self.data.n_covariates,
                 library_log_means=torch.from_numpy(l_mu),
                 library_log_vars=torch.from_numpy(l_var),
                 background_prior_mean=prior_mean,
@@ -116,7 +145,8 @@ class TOTALVI(PosteriorMixin, DEMixin):
     def __repr__(self) -> str:
         d = self.data
         return (f"TOTALVI: {d.n_obs} cells, {d.n_genes} genes, {d.n_proteins} proteins, "
-                f"{d.n_batches} batches, n_latent={self.module.n_latent}, "
+                f"{d.n_batches} batches, {d.n_covariates} covariate columns, "
+                f"n_latent={self.module.n_latent}, "
                 f"protein_mixture={self.module.protein_mixture!r}, trained={self.is_trained}")
 
     # ------------------------------------------------------------------------------------------
@@ -128,12 +158,17 @@ class TOTALVI(PosteriorMixin, DEMixin):
         batch_key: str | None = None,
         layer: str | None = None,
         non_integer: Literal["warn", "error"] = "warn",
+        protein_mask=None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
     ) -> None:
-        """Validate ``adata`` and register where its counts and batches are.
+        """Validate ``adata`` and register where its counts, batches and covariates are.
 
-        Writes only ``adata.uns["_pyro_totalvi"]``. Raises on NaN, infinite or negative counts,
-        on a protein table whose cell names differ from ``adata.obs_names``, on missing keys and
-        on cells without RNA counts; each message names the offending column, feature or cell.
+        Writes only ``adata.uns["_pyro_totalvi"]`` (plain strings, lists and booleans: it survives
+        ``write_h5ad`` and goes into a saved model's ``settings.json``). Raises on NaN, infinite or
+        negative counts, on a protein table whose cell names differ from ``adata.obs_names``, on
+        missing keys, on cells without RNA counts and on missing covariate values; each message
+        names the offending column, feature or cell.
 
         Parameters
         ----------
@@ -141,12 +176,65 @@ class TOTALVI(PosteriorMixin, DEMixin):
             ``adata.obsm`` key of the protein counts (DataFrame or array, cells x proteins).
         batch_key
             ``adata.obs`` column of batches (``s`` in the model); ``None`` for one batch.
+            ``transform_batch`` in queries refers to these categories only.
         layer
             Layer of RNA counts; ``None`` for ``adata.X``.
         non_integer
             Non-integer counts give a warning (``"warn"``) or an error (``"error"``).
+        protein_mask
+            Which proteins were measured (``True``) where; unmeasured entries are left out of
+            the likelihood and of the encoder's input. A DataFrame (rows: batch categories,
+            columns: protein names) or array of shape (batches, proteins) in the order of the
+            batch categories; or the name of an ``adata.obsm`` key holding a cells x proteins
+            mask (e.g. ``"protein_measured"``). ``None``: a protein with zero counts in every
+            cell of a batch is taken as not measured in that batch.
+        categorical_covariate_keys
+            ``adata.obs`` columns given, one-hot encoded, to the networks besides the batch
+            (categories are recorded; a query with a category unseen here raises).
+        continuous_covariate_keys
+            Numeric ``adata.obs`` columns given as they are to the networks (no NaN/inf).
         """
-        register_anndata(adata, protein_expression_obsm_key, batch_key, layer, non_integer)
+        register_anndata(adata, protein_expression_obsm_key, batch_key, layer, non_integer,
+                         protein_mask=protein_mask,
+                         categorical_covariate_keys=categorical_covariate_keys,
+                         continuous_covariate_keys=continuous_covariate_keys)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata,
+        rna_layer: str | None = None,
+        protein_layer: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        protein_mask=None,
+        modalities: dict[str, str] | None = None,
+        non_integer: Literal["warn", "error"] = "warn",
+    ) -> None:
+        """Register a ``mudata.MuData`` with RNA and protein modalities (scvi-tools' signature).
+
+        Writes only ``mdata.uns["_pyro_totalvi"]``. The model works on an AnnData built from it:
+        the RNA modality's counts (``rna_layer``, ``None``: ``.X``) and ``obs``, with the protein
+        modality's counts (``protein_layer``) as a cells x proteins DataFrame in
+        ``obsm["protein_expression"]``. Both modalities must hold the same cells
+        (``mudata.pp.intersect_obs(mdata)`` first otherwise); proteins are reordered to the RNA
+        modality's cells.
+
+        Parameters
+        ----------
+        modalities
+            Which modality holds each argument, e.g. ``{"rna_layer": "rna", "protein_layer":
+            "prot", "batch_key": "rna"}`` (the default). ``batch_key`` and covariate keys are
+            ``obs`` columns of the modality named here, or of ``mdata.obs`` when it names none;
+            a ``protein_mask`` obsm key is looked up in the protein modality.
+        batch_key, categorical_covariate_keys, continuous_covariate_keys, protein_mask
+            As in :meth:`setup_anndata`.
+        """
+        if modalities is None:
+            modalities = {"rna_layer": "rna", "protein_layer": "prot", "batch_key": "rna"}
+        register_mudata(mdata, rna_layer, protein_layer, batch_key, categorical_covariate_keys,
+                        continuous_covariate_keys, protein_mask, modalities, non_integer)
 
     # ------------------------------------------------------------------------------------------
     def train(
@@ -187,9 +275,14 @@ class TOTALVI(PosteriorMixin, DEMixin):
 
     # ------------------------------------------------------------------------------------------
     def _data(self, adata: AnnData | None) -> CiteData:
-        """The data for a query: training data, or ``adata`` checked against the registry."""
-        if adata is None or adata is self.adata:
+        """The data for a query: training data, or ``adata`` (AnnData or MuData) checked against
+        the registry."""
+        if adata is None or adata is self.adata or (self.mdata is not None and adata is self.mdata):
             return self.data
+        if is_mudata(adata):
+            if "mudata" not in self.registry:
+                raise TotalVIDataError("this model was set up with an AnnData; pass an AnnData")
+            adata = anndata_from_mudata(adata, self.registry)
         var_names = list(self.adata.var_names)
         if list(adata.var_names) != var_names:
             extra = sorted(set(adata.var_names) - set(var_names))[:5]
@@ -253,13 +346,26 @@ class TOTALVI(PosteriorMixin, DEMixin):
         if settings.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {settings.get('format_version')}; this "
                              f"pyro_totalvi reads version {FORMAT_VERSION}")
-        if list(map(str, adata.var_names)) != settings["var_names"]:
-            raise TotalVIDataError(f"adata genes differ from the saved model's "
-                                   f"({adata.n_vars} vs {len(settings['var_names'])} genes)")
         reg = settings["registry"]
-        if REGISTRY_KEY not in adata.uns:
-            register_anndata(adata, reg["protein_expression_obsm_key"], reg["batch_key"],
-                             reg["layer"])
+        if is_mudata(adata):
+            if "mudata" not in reg:
+                raise TotalVIDataError(f"{path} was saved from an AnnData; pass an AnnData")
+            rna = anndata_from_mudata(adata, reg)
+            if list(map(str, rna.var_names)) != settings["var_names"]:
+                raise TotalVIDataError(f"mdata genes differ from the saved model's "
+                                       f"({rna.n_vars} vs {len(settings['var_names'])} genes)")
+            if REGISTRY_KEY not in adata.uns:
+                m = reg["mudata"]
+                register_mudata(adata, m["rna_layer"], m["protein_layer"], reg["batch_key"],
+                                reg.get("categorical_covariate_keys"),
+                                reg.get("continuous_covariate_keys"),
+                                reg.get("protein_mask_obsm_key"), m["modalities"])
+        else:
+            if list(map(str, adata.var_names)) != settings["var_names"]:
+                raise TotalVIDataError(f"adata genes differ from the saved model's "
+                                       f"({adata.n_vars} vs {len(settings['var_names'])} genes)")
+            if REGISTRY_KEY not in adata.uns:
+                register_like(adata, reg)
         saved_cats, cats = reg["batch_categories"], list(adata.uns[REGISTRY_KEY]["batch_categories"])
         if not set(cats) <= set(saved_cats):
             raise TotalVIDataError(f"adata has batches unseen by the saved model: "
@@ -277,9 +383,18 @@ class TOTALVI(PosteriorMixin, DEMixin):
         return model
 
 
-def _jsonable(d: dict) -> dict:
-    return {k: (list(map(str, v)) if isinstance(v, (list, tuple, np.ndarray)) else v)
-            for k, v in d.items()}
+def _jsonable(value):
+    """The registry as JSON: arrays (as ``uns`` gives them back after ``read_h5ad``) become
+    lists, numpy scalars Python scalars; booleans stay booleans, other leaves become strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return value.item() if isinstance(value, np.generic) else value
+    return str(value)
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:

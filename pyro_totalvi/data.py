@@ -27,6 +27,9 @@ __all__ = [
     "register_anndata",
     "library_log_stats",
     "protein_background_prior",
+    "covariate_matrix",
+    "anndata_from_mudata",
+    "is_mudata",
 ]
 
 
@@ -113,6 +116,152 @@ def _get_protein(adata: AnnData, key: str) -> tuple[np.ndarray, list[str]]:
     return values, names
 
 
+def _categories(col: pd.Series) -> list[str]:
+    """Categories of an obs column that occur in it, as strings (categorical order if any)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = col.cat.categories
+    else:
+        try:
+            cats = np.unique(col)
+        except TypeError:  # mixed types: order by their text
+            cats = sorted(set(col.astype(str)))
+    present = set(col.astype(str))
+    return [str(c) for c in cats if str(c) in present]
+
+
+def _obs_column(adata: AnnData, key: str, what: str) -> pd.Series:
+    if key not in adata.obs:
+        raise KeyError(f"{what} {key!r} not in adata.obs (columns: {list(adata.obs)})")
+    col = adata.obs[key]
+    if col.isna().any():
+        cell = adata.obs_names[np.flatnonzero(col.isna().to_numpy())[0]]
+        raise TotalVIDataError(f"adata.obs[{key!r}] has missing values, e.g. cell {cell!r}")
+    return col
+
+
+def _as_bool(values, what: str) -> np.ndarray:
+    """A boolean array from bool or 0/1 values; anything else is an error naming ``what``."""
+    values = np.asarray(values)
+    if values.dtype == bool:
+        return values
+    if values.dtype.kind in "iuf" and np.isin(values, (0, 1)).all():
+        return values.astype(bool)
+    raise TotalVIDataError(f"{what} must be boolean (True = measured) or 0/1; got dtype "
+                           f"{values.dtype}")
+
+
+def _batch_protein_mask(mask, categories: list[str], protein_names: list[str]) -> np.ndarray:
+    """A user's batches x proteins mask as a bool array in registry order (batches, proteins)."""
+    K, T = len(categories), len(protein_names)
+    if isinstance(mask, pd.DataFrame):
+        cols = [str(c) for c in mask.columns]
+        unknown = sorted(set(cols) - set(protein_names))
+        absent = [p for p in protein_names if p not in cols]
+        if unknown or absent:
+            raise TotalVIDataError(
+                f"protein_mask columns must be the proteins of "
+                f"adata.obsm[...]: unknown {unknown[:5]}, missing {absent[:5]}")
+        rows = [str(r) for r in mask.index]
+        if K == 1 and len(rows) == 1:
+            rows = categories
+        unknown = sorted(set(rows) - set(categories))
+        absent = [c for c in categories if c not in rows]
+        if unknown or absent:
+            raise TotalVIDataError(
+                f"protein_mask rows must be the batch categories {categories}: unknown "
+                f"{unknown[:5]}, missing {absent[:5]}")
+        frame = mask.copy()
+        frame.index, frame.columns = rows, cols
+        values = frame.loc[categories, protein_names].to_numpy()
+    else:
+        values = np.asarray(mask)
+        if values.shape != (K, T):
+            raise TotalVIDataError(
+                f"protein_mask has shape {values.shape}; expected (batches, proteins) = ({K}, {T})"
+                f" with rows in the order of the batch categories {categories}, or a DataFrame, "
+                "or the name of an adata.obsm key (cells x proteins)")
+    return _as_bool(values, "protein_mask")
+
+
+def _cell_protein_mask(adata: AnnData, key: str, protein_names: list[str]) -> np.ndarray:
+    """The cells x proteins mask stored in ``adata.obsm[key]``, columns in registry order."""
+    if key not in adata.obsm:
+        raise KeyError(f"protein_mask {key!r} not in adata.obsm (available: {list(adata.obsm)})")
+    m = adata.obsm[key]
+    if isinstance(m, pd.DataFrame):
+        if not m.index.equals(adata.obs_names):
+            raise TotalVIDataError(f"adata.obsm[{key!r}] cell names differ from adata.obs_names")
+        cols = [str(c) for c in m.columns]
+        absent = [p for p in protein_names if p not in cols]
+        if absent:
+            raise TotalVIDataError(f"adata.obsm[{key!r}] lacks proteins {absent[:5]}")
+        m = m.set_axis(cols, axis=1)[protein_names].to_numpy()
+    else:
+        m = m.toarray() if sp.issparse(m) else np.asarray(m)
+        if m.shape != (adata.n_obs, len(protein_names)):
+            raise TotalVIDataError(f"adata.obsm[{key!r}] has shape {m.shape}; expected cells x "
+                                   f"proteins = ({adata.n_obs}, {len(protein_names)})")
+    return _as_bool(m, f"adata.obsm[{key!r}]")
+
+
+def _check_continuous(adata: AnnData, key: str) -> np.ndarray:
+    col = adata.obs[key] if key in adata.obs else None
+    if col is None:
+        raise KeyError(f"continuous covariate {key!r} not in adata.obs (columns: {list(adata.obs)})")
+    if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+        raise TotalVIDataError(f"continuous covariate adata.obs[{key!r}] has dtype {col.dtype}; "
+                               "expected numbers (use categorical_covariate_keys for labels)")
+    values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = np.flatnonzero(bad)[0]
+        raise TotalVIDataError(
+            f"continuous covariate adata.obs[{key!r}] has {int(bad.sum())} NaN or infinite "
+            f"values, e.g. cell {adata.obs_names[i]!r} ({values[i]})")
+    return values.astype(np.float32)
+
+
+def covariate_matrix(adata: AnnData, registry: dict) -> np.ndarray | None:
+    """Extra network covariates ``(cells, p)``: one-hot of each categorical key (in the order of
+    the categories recorded at registration), then the continuous keys as they are.
+
+    ``None`` when none are registered. A category unseen at registration raises
+    :class:`TotalVIDataError` naming the column and the category.
+    """
+    blocks = []
+    cat_keys = list(registry.get("categorical_covariate_keys") or [])
+    known = registry.get("categorical_covariate_categories") or {}
+    for key in cat_keys:
+        col = _obs_column(adata, key, "categorical covariate")
+        cats = [str(c) for c in known[key]]
+        values = col.astype(str).to_numpy()
+        lookup = {c: i for i, c in enumerate(cats)}
+        unknown = sorted(set(values) - set(lookup))
+        if unknown:
+            raise TotalVIDataError(
+                f"categorical covariate adata.obs[{key!r}] has categories unseen at training "
+                f"time: {unknown[:10]}; known: {cats[:20]}")
+        codes = np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
+        blocks.append(np.eye(len(cats), dtype=np.float32)[codes])
+    for key in list(registry.get("continuous_covariate_keys") or []):
+        blocks.append(_check_continuous(adata, key)[:, None])
+    if not blocks:
+        return None
+    return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
+
+
+def _key_list(keys, what: str) -> list[str]:
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        keys = [keys]
+    keys = [str(k) for k in keys]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"{what} lists {dup} more than once")
+    return keys
+
+
 # ----------------------------------------------------------------------------------------------
 def register_anndata(
     adata: AnnData,
@@ -120,10 +269,14 @@ def register_anndata(
     batch_key: str | None = None,
     layer: str | None = None,
     non_integer: str = "warn",
+    protein_mask=None,
+    categorical_covariate_keys=None,
+    continuous_covariate_keys=None,
 ) -> dict:
     """Validate ``adata`` and write the registry ``adata.uns["_pyro_totalvi"]``.
 
-    Only that one ``uns`` entry is written; counts and ``obs`` are left untouched.
+    Only that one ``uns`` entry is written; counts and ``obs`` are left untouched. See
+    :meth:`pyro_totalvi.TOTALVI.setup_anndata` for the arguments.
     """
     if adata.n_obs == 0:
         raise TotalVIDataError("adata has no cells (n_obs == 0).")
@@ -148,23 +301,188 @@ def register_anndata(
     if batch_key is None:
         categories = ["0"]
     else:
-        if batch_key not in adata.obs:
-            raise KeyError(f"batch_key {batch_key!r} not in adata.obs (columns: {list(adata.obs)})")
-        col = adata.obs[batch_key]
-        if col.isna().any():
-            cell = adata.obs_names[np.flatnonzero(col.isna().to_numpy())[0]]
-            raise TotalVIDataError(f"adata.obs[{batch_key!r}] has missing values, e.g. cell {cell!r}")
-        cats = col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else np.unique(col)
-        present = set(col.astype(str))
-        categories = [str(c) for c in cats if str(c) in present]
+        categories = _categories(_obs_column(adata, batch_key, "batch_key"))
+    cat_keys = _key_list(categorical_covariate_keys, "categorical_covariate_keys")
+    cont_keys = _key_list(continuous_covariate_keys, "continuous_covariate_keys")
+    clash = sorted((set(cat_keys) & set(cont_keys)) | ({batch_key} & set(cat_keys + cont_keys)))
+    if clash:
+        raise ValueError(f"{clash} given as more than one of batch_key, categorical and "
+                         "continuous covariates")
+    cov_categories = {k: _categories(_obs_column(adata, k, "categorical covariate"))
+                      for k in cat_keys}
     registry = {
         "protein_expression_obsm_key": protein_expression_obsm_key,
         "batch_key": batch_key,
         "layer": layer,
         "batch_categories": categories,
         "protein_names": protein_names,
+        "protein_mask": None,
+        "protein_mask_obsm_key": None,
+        "categorical_covariate_keys": cat_keys,
+        "categorical_covariate_categories": cov_categories,
+        "continuous_covariate_keys": cont_keys,
     }
+    covariate_matrix(adata, registry)  # NaN / dtype checks of the continuous covariates
+    if isinstance(protein_mask, str):
+        _cell_protein_mask(adata, protein_mask, protein_names)  # validate now
+        registry["protein_mask_obsm_key"] = protein_mask
+    elif protein_mask is not None:
+        registry["protein_mask"] = _batch_protein_mask(protein_mask, categories,
+                                                       protein_names).tolist()
     adata.uns[REGISTRY_KEY] = registry
+    return registry
+
+
+def register_like(adata: AnnData, registry: dict) -> dict:
+    """Register ``adata`` with the settings of another registry (e.g. a saved model's).
+
+    A batches x proteins ``protein_mask`` is not re-validated here (``adata`` may hold a subset of
+    the batches): install the other registry afterwards, as :meth:`TOTALVI.load` does.
+    """
+    return register_anndata(
+        adata, registry["protein_expression_obsm_key"], registry["batch_key"], registry["layer"],
+        protein_mask=registry.get("protein_mask_obsm_key"),
+        categorical_covariate_keys=list(registry.get("categorical_covariate_keys") or []),
+        continuous_covariate_keys=list(registry.get("continuous_covariate_keys") or []),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# MuData: the RNA modality as an AnnData, the protein modality's counts in its obsm
+MUDATA_PROTEIN_KEY = "protein_expression"
+_MUDATA_MODALITY_ARGS = ("rna_layer", "protein_layer", "batch_key", "categorical_covariate_keys",
+                         "continuous_covariate_keys", "protein_mask")
+
+
+def is_mudata(obj) -> bool:
+    """Whether ``obj`` is a ``mudata.MuData`` (without importing mudata)."""
+    return hasattr(obj, "mod") and hasattr(obj, "obs") and not isinstance(obj, AnnData)
+
+
+def _modality(mdata, name: str | None, what: str):
+    if name is None:
+        return None
+    if name not in mdata.mod:
+        raise KeyError(f"modality {name!r} (for {what}) not in mdata.mod "
+                       f"(available: {list(mdata.mod)})")
+    return mdata.mod[name]
+
+
+def _aligned(frame_index: pd.Index, cells: pd.Index, where: str) -> np.ndarray:
+    """Positions of ``cells`` in ``frame_index``; every cell must be there exactly once."""
+    if frame_index.equals(cells):
+        return np.arange(len(cells))
+    if not frame_index.is_unique:
+        raise TotalVIDataError(f"{where} has duplicated cell names")
+    pos = frame_index.get_indexer(cells)
+    if (pos < 0).any():
+        raise TotalVIDataError(
+            f"{where} lacks {int((pos < 0).sum())} cells of the RNA modality, e.g. "
+            f"{cells[np.flatnonzero(pos < 0)[0]]!r}; keep the cells measured in both modalities "
+            "first, e.g. mudata.pp.intersect_obs(mdata)")
+    return pos
+
+
+def anndata_from_mudata(mdata, registry: dict) -> AnnData:
+    """The AnnData that totalVI trains on, built from a MuData.
+
+    ``X``: the RNA modality's counts (``rna_layer``); ``obsm["protein_expression"]``: the protein
+    modality's counts (``protein_layer``) as a cells x proteins DataFrame, rows in the RNA
+    modality's cell order; ``obs``: the RNA modality's ``obs`` plus the batch and covariate
+    columns taken from the modality ``modalities`` names for them (``None``: ``mdata.obs``).
+    Counts are referenced, not copied, where possible; ``mdata`` is not modified.
+    """
+    settings = registry["mudata"]
+    mods = dict(settings["modalities"])
+    rna = _modality(mdata, mods.get("rna_layer"), "rna_layer")
+    prot = _modality(mdata, mods.get("protein_layer"), "protein_layer")
+    if rna is None or prot is None:
+        raise ValueError("modalities must name the RNA ('rna_layer') and protein "
+                         "('protein_layer') modalities")
+    cells = rna.obs_names
+    if not mdata.obs_names.equals(cells):
+        raise TotalVIDataError(
+            f"mdata has {mdata.n_obs} cells but its RNA modality {mods['rna_layer']!r} has "
+            f"{rna.n_obs} (or another order); keep the cells measured in both modalities first, "
+            "e.g. mudata.pp.intersect_obs(mdata)")
+    X = _get_rna(rna, settings.get("rna_layer"))
+    layer = settings.get("protein_layer")
+    Y = prot.X if layer is None else _get_rna(prot, layer)
+    Y = Y.toarray() if sp.issparse(Y) else np.asarray(Y)
+    pos = _aligned(prot.obs_names, cells, f"protein modality {mods['protein_layer']!r}")
+    proteins = pd.DataFrame(Y[pos], index=cells, columns=[str(v) for v in prot.var_names])
+    obs = rna.obs.copy()
+    keys = [("batch_key", registry.get("batch_key"))]
+    keys += [("categorical_covariate_keys", k) for k in registry.get("categorical_covariate_keys")
+             or []]
+    keys += [("continuous_covariate_keys", k) for k in registry.get("continuous_covariate_keys")
+             or []]
+    for arg, key in keys:
+        if key is None:
+            continue
+        source = _modality(mdata, mods.get(arg), arg)
+        frame = mdata.obs if source is None else source.obs
+        where = "mdata.obs" if source is None else f"mdata.mod[{mods[arg]!r}].obs"
+        if key not in frame:
+            raise KeyError(f"{arg} {key!r} not in {where} (columns: {list(frame)})")
+        obs[key] = frame[key].iloc[_aligned(frame.index, cells, where)].to_numpy()
+        if isinstance(frame[key].dtype, pd.CategoricalDtype):
+            obs[key] = pd.Categorical(obs[key], categories=frame[key].cat.categories)
+    adata = AnnData(X=X, obs=obs, var=pd.DataFrame(index=rna.var_names))
+    adata.obsm[MUDATA_PROTEIN_KEY] = proteins
+    mask_key = registry.get("protein_mask_obsm_key")
+    if mask_key is not None:
+        source = _modality(mdata, mods.get("protein_mask"), "protein_mask") or prot
+        if mask_key not in source.obsm:
+            raise KeyError(f"protein_mask {mask_key!r} not in the obsm of the protein modality")
+        m = source.obsm[mask_key]
+        p = _aligned(source.obs_names, cells, "protein_mask")
+        adata.obsm[mask_key] = (m.iloc[p].set_axis(cells) if isinstance(m, pd.DataFrame)
+                                else np.asarray(m)[p])
+    return adata
+
+
+def register_mudata(
+    mdata,
+    rna_layer: str | None = None,
+    protein_layer: str | None = None,
+    batch_key: str | None = None,
+    categorical_covariate_keys=None,
+    continuous_covariate_keys=None,
+    protein_mask=None,
+    modalities: dict | None = None,
+    non_integer: str = "warn",
+) -> dict:
+    """Validate a MuData and write the registry to ``mdata.uns["_pyro_totalvi"]``.
+
+    See :meth:`pyro_totalvi.TOTALVI.setup_mudata` for the arguments.
+    """
+    if modalities is None:
+        raise ValueError("modalities is required, e.g. {'rna_layer': 'rna', 'protein_layer': "
+                         "'prot', 'batch_key': 'rna'}")
+    extra = sorted(set(modalities) - set(_MUDATA_MODALITY_ARGS))
+    if extra:
+        raise ValueError(f"modalities has keys that are not arguments: {extra}; allowed: "
+                         f"{list(_MUDATA_MODALITY_ARGS)}")
+    mods = {k: modalities.get(k) for k in _MUDATA_MODALITY_ARGS}
+    if mods["protein_mask"] is None:
+        mods["protein_mask"] = mods["protein_layer"]
+    provisional = {
+        "batch_key": batch_key,
+        "categorical_covariate_keys": _key_list(categorical_covariate_keys,
+                                                "categorical_covariate_keys"),
+        "continuous_covariate_keys": _key_list(continuous_covariate_keys,
+                                               "continuous_covariate_keys"),
+        "protein_mask_obsm_key": protein_mask if isinstance(protein_mask, str) else None,
+        "mudata": {"rna_layer": rna_layer, "protein_layer": protein_layer, "modalities": mods},
+    }
+    adata = anndata_from_mudata(mdata, provisional)
+    registry = register_anndata(
+        adata, MUDATA_PROTEIN_KEY, batch_key, None, non_integer, protein_mask=protein_mask,
+        categorical_covariate_keys=provisional["categorical_covariate_keys"],
+        continuous_covariate_keys=provisional["continuous_covariate_keys"])
+    registry["mudata"] = provisional["mudata"]
+    mdata.uns[REGISTRY_KEY] = registry
     return registry
 
 
@@ -196,9 +514,10 @@ class Minibatch:
     log_library: torch.Tensor
     protein_mask: torch.Tensor | None
     idx: torch.Tensor
+    covariates: torch.Tensor | None = None
 
     def args(self):
-        return (self.x, self.y, self.s, self.log_library, None, self.protein_mask)
+        return (self.x, self.y, self.s, self.log_library, self.covariates, self.protein_mask)
 
 
 class CiteData:
@@ -208,9 +527,21 @@ class CiteData:
     ----------
     adata
         AnnData registered with :func:`register_anndata` (or any AnnData with the same genes,
-        proteins and batch categories as ``registry``).
+        proteins, batch and covariate categories as ``registry``).
     registry
         The registry to check ``adata`` against; default ``adata.uns["_pyro_totalvi"]``.
+
+    Attributes
+    ----------
+    protein_measured
+        Bool ``(batches, proteins)``: whether a protein was measured in a batch; from the
+        registered ``protein_mask`` if any, else a protein with zero counts in every cell of a
+        batch counts as not measured there (as scvi-tools decides).
+    cell_protein_mask
+        Bool ``(cells, proteins)`` when the mask was registered per cell (an ``obsm`` key), else
+        ``None``.
+    covariates
+        Float ``(cells, p)`` network covariates (:func:`covariate_matrix`) or ``None``.
     """
 
     def __init__(self, adata: AnnData, registry: dict | None = None):
@@ -224,10 +555,11 @@ class CiteData:
         X = _get_rna(adata, registry["layer"])
         self.X = X.tocsr() if sp.issparse(X) else np.asarray(X)
         y, names = _get_protein(adata, registry["protein_expression_obsm_key"])
-        if list(names) != list(registry["protein_names"]):
+        protein_names = [str(p) for p in registry["protein_names"]]
+        if list(names) != protein_names:
             raise TotalVIDataError(
-                f"proteins differ from the training data: expected {len(registry['protein_names'])}"
-                f" proteins {list(registry['protein_names'])[:5]}..., got {len(names)} "
+                f"proteins differ from the training data: expected {len(protein_names)}"
+                f" proteins {protein_names[:5]}..., got {len(names)} "
                 f"{list(names)[:5]}..."
             )
         self.Y = np.ascontiguousarray(y, dtype=np.float32)
@@ -235,12 +567,25 @@ class CiteData:
         self.n_batches = len(registry["batch_categories"])
         totals = np.asarray(self.X.sum(axis=1)).ravel().astype(np.float64)
         self.log_library = np.log(np.maximum(totals, 1.0)).astype(np.float32)
-        # A protein with zero counts in every cell of a batch was not measured there
-        # (as scvi-tools decides); it is masked out of that batch's likelihood.
+        self.cell_protein_mask = None
+        mask_key, batch_mask = registry.get("protein_mask_obsm_key"), registry.get("protein_mask")
         measured = np.ones((self.n_batches, self.Y.shape[1]), dtype=bool)
-        for b in np.unique(self.batch):
-            measured[b] = self.Y[self.batch == b].sum(axis=0) > 0
+        if mask_key is not None:  # the user's cells x proteins mask
+            cell_mask = _cell_protein_mask(adata, str(mask_key), protein_names)
+            for b in np.unique(self.batch):
+                measured[b] = cell_mask[self.batch == b].any(axis=0)
+            # a mask that is constant within each batch is kept per batch (cheaper, same model)
+            if not np.array_equal(cell_mask, measured[self.batch]):
+                self.cell_protein_mask = cell_mask
+        elif batch_mask is not None:  # the user's batches x proteins mask
+            measured = np.array(batch_mask, dtype=bool).reshape(self.n_batches, -1)
+        else:
+            # A protein with zero counts in every cell of a batch was not measured there
+            # (as scvi-tools decides); it is masked out of that batch's likelihood.
+            for b in np.unique(self.batch):
+                measured[b] = self.Y[self.batch == b].sum(axis=0) > 0
         self.protein_measured = measured
+        self.covariates = covariate_matrix(adata, registry)
         self._eye = torch.eye(self.n_batches)
 
     @property
@@ -255,6 +600,16 @@ class CiteData:
     def n_proteins(self) -> int:
         return self.Y.shape[1]
 
+    @property
+    def n_covariates(self) -> int:
+        return 0 if self.covariates is None else self.covariates.shape[1]
+
+    def measured(self, idx: np.ndarray) -> np.ndarray:
+        """Bool ``(len(idx), proteins)``: which proteins were measured in these cells."""
+        if self.cell_protein_mask is not None:
+            return self.cell_protein_mask[idx]
+        return self.protein_measured[self.batch[idx]]
+
     def minibatch(self, idx: np.ndarray) -> Minibatch:
         """Dense tensors for the cells ``idx`` (sorted for cache-friendly CSR row access)."""
         idx = np.sort(np.asarray(idx, dtype=np.int64))
@@ -263,8 +618,8 @@ class CiteData:
         x = torch.from_numpy(np.asarray(x, dtype=np.float32))
         batch = self.batch[idx]
         mask = None
-        if not self.protein_measured.all():
-            mask = torch.from_numpy(self.protein_measured[batch])
+        if self.cell_protein_mask is not None or not self.protein_measured.all():
+            mask = torch.from_numpy(np.ascontiguousarray(self.measured(idx)))
         return Minibatch(
             x=x,
             y=torch.from_numpy(self.Y[idx]),
@@ -272,6 +627,7 @@ class CiteData:
             log_library=torch.from_numpy(self.log_library[idx]).unsqueeze(-1),
             protein_mask=mask,
             idx=torch.from_numpy(idx),
+            covariates=None if self.covariates is None else torch.from_numpy(self.covariates[idx]),
         )
 
 
@@ -306,15 +662,15 @@ def protein_background_prior(
     mean, scale = np.zeros((T, K), np.float32), np.ones((T, K), np.float32)
     for b in range(K):
         cells = np.flatnonzero(data.batch == b)
-        measured = data.protein_measured[b]
-        if len(cells) == 0 or measured.sum() < 5:  # too few proteins to tell the two apart
+        # too few proteins to tell the two apart
+        if len(cells) == 0 or data.protein_measured[b].sum() < 5:
             mean[:, b], scale[:, b] = 0.0, 1.0
             continue
         if len(cells) > n_cells:
             cells = rng.choice(cells, n_cells, replace=False)
         mus, sds = [], []
         for c in cells:
-            v = np.log1p(data.Y[c, measured]).reshape(-1, 1)
+            v = np.log1p(data.Y[c, data.measured(np.array([c]))[0]]).reshape(-1, 1)
             if len(np.unique(v)) < 2:
                 continue
             with warnings.catch_warnings():

@@ -23,6 +23,30 @@ from .nn import BackgroundEncoder, Decoder, Encoder
 __all__ = ["TotalVIModule"]
 
 
+class _CovariateEncoder(Encoder):
+    """:class:`~pyro_totalvi.nn.Encoder` that knows which covariates it was built for.
+
+    With ``encode_covariates=False`` it was built without covariate inputs and ignores ``cov``;
+    otherwise ``cov`` must be the one-hot batch followed by the extra covariates. Same parameters
+    (and ``state_dict`` keys) as ``Encoder``.
+    """
+
+    def __init__(self, *args, n_cov_expected: int, encode_covariates: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.n_cov_expected = n_cov_expected
+        self.encode_covariates = encode_covariates
+
+    def forward(self, x, y, cov):
+        if not self.encode_covariates:
+            cov = None
+        elif cov is None or cov.shape[-1] != self.n_cov_expected:
+            raise ValueError(
+                f"the encoder expects the one-hot batch and covariates ({self.n_cov_expected} "
+                f"columns), got {None if cov is None else cov.shape[-1]}; call "
+                "module.encode(x, y, s, covariates, protein_mask)")
+        return super().forward(x, y, cov)
+
+
 def _measured(protein_mask: torch.Tensor | None) -> torch.Tensor | bool:
     # poutine.mask needs a bool or a tensor; True means "every protein measured".
     return True if protein_mask is None else protein_mask
@@ -38,7 +62,14 @@ class TotalVIModule(nn.Module):
     n_latent
         Dimension d of z.
     n_covariates
-        Width of extra covariates given to the networks besides the one-hot batch.
+        Width of extra covariates given to the networks besides the one-hot batch: one-hot
+        categorical and raw continuous covariates, passed as ``covariates`` ``(B, p)``; the
+        networks see ``s ⊕ covariates`` in every layer.
+    encode_covariates
+        Whether the encoder q(z, l | x, y, ...) sees the one-hot batch and the covariates. With
+        ``False`` it sees only ``(x, y)`` — batch *and* covariates are dropped, as scvi-tools'
+        ``encode_covariates=False`` does; the generative networks and q(beta | z, s) always see
+        them.
     protein_mixture
         ``"marginal"``: ``v`` summed out analytically into a negative-binomial mixture (train with
         ``Trace_ELBO``). ``"enumerate"``: ``v`` is a sample site enumerated in parallel and summed
@@ -66,6 +97,7 @@ class TotalVIModule(nn.Module):
         n_batches: int = 1,
         n_latent: int = 20,
         n_covariates: int = 0,
+        encode_covariates: bool = True,
         protein_mixture: Literal["marginal", "enumerate"] = "marginal",
         use_observed_lib_size: bool = True,
         library_log_means: torch.Tensor | None = None,
@@ -83,13 +115,17 @@ class TotalVIModule(nn.Module):
             raise ValueError(f"protein_mixture must be 'marginal' or 'enumerate', got {protein_mixture!r}")
         self.n_genes, self.n_proteins, self.n_batches = n_genes, n_proteins, n_batches
         self.n_latent = n_latent
+        self.n_covariates = n_covariates
+        self.encode_covariates = encode_covariates
         self.protein_mixture = protein_mixture
         self.use_observed_lib_size = use_observed_lib_size
         self.background_preference = background_preference
         n_cov = n_batches + n_covariates
 
-        self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov, n_hidden, n_layers_encoder,
-                               dropout_rate_encoder, latent_library=not use_observed_lib_size)
+        self.encoder = _CovariateEncoder(
+            n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0, n_hidden,
+            n_layers_encoder, dropout_rate_encoder, latent_library=not use_observed_lib_size,
+            n_cov_expected=n_cov, encode_covariates=encode_covariates)
         self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder)
         self.background_encoder = BackgroundEncoder(n_latent, n_proteins, n_cov, n_hidden,
                                                     dropout_rate_decoder)
@@ -146,6 +182,40 @@ class TotalVIModule(nn.Module):
         finally:
             self.protein_mixture = saved
 
+    def _network_input(self, s: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        """``s ⊕ covariates``: what the networks see besides ``z`` or the counts."""
+        if self.n_covariates:
+            if covariates is None or covariates.shape[-1] != self.n_covariates:
+                raise ValueError(
+                    f"this module was built with n_covariates={self.n_covariates}; pass "
+                    f"covariates of shape (cells, {self.n_covariates}), got "
+                    f"{None if covariates is None else tuple(covariates.shape)}")
+            return torch.cat([s, covariates.to(s.dtype)], dim=-1)
+        if covariates is not None and covariates.shape[-1]:
+            raise ValueError(f"covariates of width {covariates.shape[-1]} given to a module built "
+                             "with n_covariates=0")
+        return s
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        s: torch.Tensor,
+        log_library: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
+        protein_mask: torch.Tensor | None = None,
+    ):
+        """Parameters of q(z | x, y, s) and q(l | x, y, s): ``(z_loc, z_scale, l_loc, l_scale)``.
+
+        Takes :meth:`model`'s first arguments (``*minibatch.args()``); unmeasured proteins are
+        zeroed first, so their values never inform q. ``log_library`` is unused (accepted so that
+        ``encode(*mb.args())`` works).
+        """
+        if protein_mask is not None:
+            y = y * protein_mask  # an unmeasured protein's value must not inform q(z) either
+        cov = self._network_input(s, covariates) if self.encode_covariates else None
+        return self.encoder(x, y, cov)
+
     def model(
         self,
         x: torch.Tensor,
@@ -190,7 +260,7 @@ class TotalVIModule(nn.Module):
         self._register_params()
         B = s.shape[0]
         s_gen = s if decode_as is None else decode_as
-        cov = s_gen if covariates is None else torch.cat([s_gen, covariates], dim=-1)
+        cov = self._network_input(s_gen, covariates)  # transform_batch swaps s, not covariates
         theta = self.log_theta.exp()  # theta_g: gene inverse dispersion
         phi = self.log_phi.exp()  # phi_t: protein inverse dispersion
         with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
@@ -246,12 +316,9 @@ class TotalVIModule(nn.Module):
         """q(beta | z, s) q(z | x, y, s) q(l | x, y, s); same arguments as :meth:`model`."""
         self._register_params()
         B = s.shape[0]
-        cov = s if covariates is None else torch.cat([s, covariates], dim=-1)
-        cov_gen = cov if decode_as is None else (
-            decode_as if covariates is None else torch.cat([decode_as, covariates], dim=-1))
-        if protein_mask is not None:
-            y = y * protein_mask  # an unmeasured protein's value must not inform q(z) either
-        z_loc, z_scale, l_loc, l_scale = self.encoder(x, y, cov)
+        cov_gen = self._network_input(s if decode_as is None else decode_as, covariates)
+        z_loc, z_scale, l_loc, l_scale = self.encode(x, y, s, log_library, covariates,
+                                                     protein_mask)
         with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", dist.Normal(z_loc.unsqueeze(-2), z_scale.unsqueeze(-2))

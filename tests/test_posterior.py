@@ -184,16 +184,21 @@ def test_latent_library_when_latent(adata):
 
 
 def test_memory_does_not_grow_with_n_samples():
-    """Running means: the memory growth of the call must not scale with n_samples."""
+    """Running means: the memory growth of the call must not scale with n_samples.
+
+    Draws are vectorised in groups of at most 4,096 cell-draws, so from 8 draws per 512-cell
+    chunk on the working memory is constant; keeping every draw would need
+    3000 x 1000 x 64 x 4 B = 768 MB.
+    """
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "posterior_memory.py"
     growth = {}
-    for n in (2, 40):
+    for n in (16, 64):
         out = subprocess.run([sys.executable, str(script), "--n-cells", "3000", "--n-genes",
                               "1000", "--n-samples", str(n), "--threads", "1"],
                              capture_output=True, text=True, check=True)
         growth[n] = json.loads(out.stdout.strip().splitlines()[-1])["growth_mb"]
-    # all 40 draws at once would need 3000 x 1000 x 40 x 4 B = 480 MB
-    assert growth[40] < growth[2] + 60, growth
+    assert growth[64] < growth[16] + 40, growth
+    assert growth[64] < 300, growth
 
 
 @pytest.fixture(scope="module")
