@@ -26,6 +26,7 @@ from .data import (
     register_anndata,
     register_like,
     register_mudata,
+    registry_keys,
 )
 from .de import DEMixin
 from .model import TotalVIModule
@@ -357,8 +358,8 @@ class TOTALVI(PosteriorMixin, DEMixin):
             if REGISTRY_KEY not in adata.uns:
                 m = reg["mudata"]
                 register_mudata(adata, m["rna_layer"], m["protein_layer"], reg["batch_key"],
-                                reg.get("categorical_covariate_keys"),
-                                reg.get("continuous_covariate_keys"),
+                                registry_keys(reg, "categorical_covariate_keys"),
+                                registry_keys(reg, "continuous_covariate_keys"),
                                 reg.get("protein_mask_obsm_key"), m["modalities"])
         else:
             if list(map(str, adata.var_names)) != settings["var_names"]:

@@ -229,7 +229,7 @@ def covariate_matrix(adata: AnnData, registry: dict) -> np.ndarray | None:
     :class:`TotalVIDataError` naming the column and the category.
     """
     blocks = []
-    cat_keys = list(registry.get("categorical_covariate_keys") or [])
+    cat_keys = registry_keys(registry, "categorical_covariate_keys")
     known = registry.get("categorical_covariate_categories") or {}
     for key in cat_keys:
         col = _obs_column(adata, key, "categorical covariate")
@@ -243,11 +243,18 @@ def covariate_matrix(adata: AnnData, registry: dict) -> np.ndarray | None:
                 f"time: {unknown[:10]}; known: {cats[:20]}")
         codes = np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
         blocks.append(np.eye(len(cats), dtype=np.float32)[codes])
-    for key in list(registry.get("continuous_covariate_keys") or []):
+    for key in registry_keys(registry, "continuous_covariate_keys"):
         blocks.append(_check_continuous(adata, key)[:, None])
     if not blocks:
         return None
     return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
+
+
+def registry_keys(registry: dict, name: str) -> list[str]:
+    """A list entry of the registry as strings (after ``read_h5ad`` an empty list is an empty
+    float array and a list of strings an object array)."""
+    value = registry.get(name)
+    return [] if value is None else [str(k) for k in value]
 
 
 def _key_list(keys, what: str) -> list[str]:
@@ -263,6 +270,62 @@ def _key_list(keys, what: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+class BackedCSR:
+    """Rows of a CSR matrix stored in an open ``.h5ad`` (backed AnnData), read on demand.
+
+    Only ``indptr`` (8 bytes per cell) is held in memory. A request for sorted rows reads each
+    run of consecutive rows with one slice of ``data``/``indices``, so minibatches made of a few
+    contiguous blocks (see ``train``'s block shuffling for backed data) cost a few reads.
+    """
+
+    def __init__(self, group):
+        if group.attrs.get("encoding-type") != "csr_matrix":
+            raise TotalVIDataError(
+                "backed training needs RNA counts stored as a CSR matrix in the .h5ad "
+                f"(found {group.attrs.get('encoding-type')!r})"
+            )
+        self.data, self.indices = group["data"], group["indices"]
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self.shape = tuple(int(v) for v in group.attrs["shape"])
+
+    def __getitem__(self, idx) -> sp.csr_matrix:
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) and np.any(np.diff(idx) < 0):
+            raise ValueError("BackedCSR rows must be requested in increasing order")
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        data, indices = [], []
+        for run in np.split(idx, breaks):
+            if len(run):
+                start, stop = self.indptr[run[0]], self.indptr[run[-1] + 1]
+                data.append(self.data[start:stop])
+                indices.append(self.indices[start:stop])
+        lengths = self.indptr[idx + 1] - self.indptr[idx]
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+        return sp.csr_matrix((cat(data, np.float32), cat(indices, np.int32), indptr),
+                             shape=(len(idx), self.shape[1]))
+
+    def chunks(self, size: int = 100_000):
+        """``(start, csr block)`` over all rows, in order."""
+        for start in range(0, self.shape[0], size):
+            yield start, self[np.arange(start, min(start + size, self.shape[0]))]
+
+    def sum(self, axis: int):
+        """Row (axis=1) or column (axis=0) sums, computed block by block."""
+        if axis == 1:
+            return np.concatenate([np.asarray(b.sum(axis=1)).ravel() for _, b in self.chunks()])
+        total = np.zeros(self.shape[1])
+        for _, block in self.chunks():
+            total += np.asarray(block.sum(axis=0)).ravel()
+        return total
+
+
+def _backed_rna(adata: AnnData, layer: str | None) -> BackedCSR:
+    if layer is not None:
+        raise TotalVIDataError("backed AnnData: only adata.X can hold the RNA counts (layer=None)")
+    return BackedCSR(adata.file["X"])
+
+
 def register_anndata(
     adata: AnnData,
     protein_expression_obsm_key: str = "protein_expression",
@@ -282,11 +345,14 @@ def register_anndata(
         raise TotalVIDataError("adata has no cells (n_obs == 0).")
     if adata.n_vars == 0:
         raise TotalVIDataError("adata has no genes (n_vars == 0).")
-    if adata.isbacked:
-        raise TotalVIDataError("backed AnnData is not supported by setup_anndata; load it in memory")
-    X = _get_rna(adata, layer)
+    X = _backed_rna(adata, layer) if adata.isbacked else _get_rna(adata, layer)
     what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    _check_counts(X, adata.obs_names, adata.var_names, f"RNA counts ({what})", non_integer)
+    if adata.isbacked:  # check block by block: the matrix never comes into memory whole
+        for start, block in X.chunks():
+            _check_counts(block, adata.obs_names[start:], adata.var_names, f"RNA counts ({what})",
+                          non_integer)
+    else:
+        _check_counts(X, adata.obs_names, adata.var_names, f"RNA counts ({what})", non_integer)
     y, protein_names = _get_protein(adata, protein_expression_obsm_key)
     _check_counts(y, adata.obs_names, protein_names,
                   f"protein counts (adata.obsm[{protein_expression_obsm_key!r}])", non_integer)
@@ -342,8 +408,8 @@ def register_like(adata: AnnData, registry: dict) -> dict:
     return register_anndata(
         adata, registry["protein_expression_obsm_key"], registry["batch_key"], registry["layer"],
         protein_mask=registry.get("protein_mask_obsm_key"),
-        categorical_covariate_keys=list(registry.get("categorical_covariate_keys") or []),
-        continuous_covariate_keys=list(registry.get("continuous_covariate_keys") or []),
+        categorical_covariate_keys=registry_keys(registry, "categorical_covariate_keys"),
+        continuous_covariate_keys=registry_keys(registry, "continuous_covariate_keys"),
     )
 
 
@@ -413,10 +479,10 @@ def anndata_from_mudata(mdata, registry: dict) -> AnnData:
     proteins = pd.DataFrame(Y[pos], index=cells, columns=[str(v) for v in prot.var_names])
     obs = rna.obs.copy()
     keys = [("batch_key", registry.get("batch_key"))]
-    keys += [("categorical_covariate_keys", k) for k in registry.get("categorical_covariate_keys")
-             or []]
-    keys += [("continuous_covariate_keys", k) for k in registry.get("continuous_covariate_keys")
-             or []]
+    keys += [("categorical_covariate_keys", k)
+             for k in registry_keys(registry, "categorical_covariate_keys")]
+    keys += [("continuous_covariate_keys", k)
+             for k in registry_keys(registry, "continuous_covariate_keys")]
     for arg, key in keys:
         if key is None:
             continue
@@ -552,8 +618,12 @@ class CiteData:
                 )
             registry = dict(adata.uns[REGISTRY_KEY])
         self.registry = registry
-        X = _get_rna(adata, registry["layer"])
-        self.X = X.tocsr() if sp.issparse(X) else np.asarray(X)
+        self.backed = adata.isbacked
+        if self.backed:
+            self.X = _backed_rna(adata, registry["layer"])
+        else:
+            X = _get_rna(adata, registry["layer"])
+            self.X = X.tocsr() if sp.issparse(X) else np.asarray(X)
         y, names = _get_protein(adata, registry["protein_expression_obsm_key"])
         protein_names = [str(p) for p in registry["protein_names"]]
         if list(names) != protein_names:

@@ -116,8 +116,8 @@ class PosteriorMixin:
         data, idx = self._prepare(adata, indices)
         out = np.zeros((len(idx), self.module.n_latent), dtype=np.float32)
         for pos, mb in self._chunks(data, idx, batch_size):
-            y = mb.y if mb.protein_mask is None else mb.y * mb.protein_mask
-            z_loc, z_scale, _, _ = self.module.encoder(mb.x, y, mb.s)
+            # encode() masks unmeasured proteins and adds the covariates the encoder expects
+            z_loc, z_scale, _, _ = self.module.encode(*mb.args())
             z = z_loc if give_mean else torch.distributions.Normal(z_loc, z_scale).sample()
             out[pos] = z.numpy()
         return out
@@ -134,7 +134,7 @@ class PosteriorMixin:
             if self.module.use_observed_lib_size:
                 out[pos] = mb.log_library.exp().numpy()
                 continue
-            _, _, loc, scale = self.module.encoder(mb.x, mb.y, mb.s)
+            _, _, loc, scale = self.module.encode(*mb.args())
             q = torch.distributions.LogNormal(loc, scale)
             out[pos] = (q.mean if give_mean else q.sample()).numpy()
         return out

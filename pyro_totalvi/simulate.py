@@ -48,6 +48,32 @@ def simulate(
         (planted DE protein), ``varm["true_group_log_rho"]`` and
         ``uns["true_group_foreground"]`` (groups x proteins).
     """
+    chunks = list(simulate_chunks(n_cells, n_genes, n_proteins, n_batches, n_groups, seed,
+                                  n_latent, de_fraction, chunk_size))
+    if len(chunks) == 1:
+        return chunks[0]
+    adata = ad.concat(chunks, merge="same")
+    adata.uns = chunks[0].uns
+    adata.X = adata.X.tocsr()
+    return adata
+
+
+def simulate_chunks(
+    n_cells: int,
+    n_genes: int = 500,
+    n_proteins: int = 20,
+    n_batches: int = 1,
+    n_groups: int = 5,
+    seed: int = 0,
+    n_latent: int = 10,
+    de_fraction: float = 0.2,
+    chunk_size: int = 10000,
+):
+    """:func:`simulate`, one AnnData per ``chunk_size`` cells, all from the same parameters.
+
+    For data sets too large to hold in memory: write each chunk to disk as it comes
+    (``benchmarks/scale.py`` builds a million-cell ``.h5ad`` this way).
+    """
     rng = np.random.default_rng(seed)
     G, T, K = n_genes, n_proteins, n_batches
     # Group centres far apart relative to the within-group spread of z.
@@ -71,7 +97,10 @@ def simulate(
 
     groups = rng.integers(0, n_groups, n_cells)
     batches = rng.integers(0, K, n_cells)
-    xs, ys, zs, vs, betas, pis, libs = [], [], [], [], [], [], []
+    batch_names = [f"batch_{i}" for i in range(K)]
+    group_names = [f"group_{i}" for i in range(n_groups)]
+    protein_names = [f"protein_{t}" for t in range(T)]
+    var = pd.DataFrame({"de": de}, index=[f"gene_{g}" for g in range(G)])
     for start in range(0, n_cells, chunk_size):
         g, b = groups[start : start + chunk_size], batches[start : start + chunk_size]
         n = len(g)
@@ -91,35 +120,26 @@ def simulate(
         beta = np.exp(rng.normal(c[:, b].T, d[:, b].T))  # (11)
         v = (rng.random((n, T)) < pi).astype(np.float32)  # (12)
         y = _nb(rng, v * beta + (1 - v) * beta * alpha, phi[None])  # (14)
-        xs.append(sp.csr_matrix(x))
-        ys.append(y)
-        zs.append(z.astype(np.float32))
-        vs.append(v)
-        betas.append(beta.astype(np.float32))
-        pis.append(pi.astype(np.float32))
-        libs.append(lib)
-    names = [f"cell_{i}" for i in range(n_cells)]
-    protein_names = [f"protein_{t}" for t in range(T)]
-    adata = ad.AnnData(
-        X=sp.vstack(xs, format="csr"),
-        obs=pd.DataFrame(
-            {
-                "batch": pd.Categorical([f"batch_{i}" for i in batches]),
-                "group": pd.Categorical([f"group_{i}" for i in groups]),
-                "true_library": np.concatenate(libs),
-            },
-            index=names,
-        ),
-        var=pd.DataFrame({"de": de}, index=[f"gene_{g}" for g in range(G)]),
-    )
-    adata.obsm["protein_expression"] = pd.DataFrame(np.concatenate(ys), index=names,
-                                                    columns=protein_names)
-    adata.obsm["true_z"] = np.concatenate(zs)
-    adata.obsm["true_v"] = np.concatenate(vs)
-    adata.obsm["true_beta"] = np.concatenate(betas)
-    adata.obsm["true_pi"] = np.concatenate(pis)
-    adata.varm["true_group_log_rho"] = group_log_rho.astype(np.float32)
-    adata.uns["true_group_foreground"] = foreground
-    # A protein is planted-DE when it is foreground in some groups but not in others.
-    adata.uns["protein_de"] = foreground.any(0) & ~foreground.all(0)
-    return adata
+        names = [f"cell_{i}" for i in range(start, start + n)]
+        chunk = ad.AnnData(
+            X=sp.csr_matrix(x),
+            obs=pd.DataFrame(
+                {
+                    "batch": pd.Categorical([f"batch_{i}" for i in b], categories=batch_names),
+                    "group": pd.Categorical([f"group_{i}" for i in g], categories=group_names),
+                    "true_library": lib,
+                },
+                index=names,
+            ),
+            var=var,
+        )
+        chunk.obsm["protein_expression"] = pd.DataFrame(y, index=names, columns=protein_names)
+        chunk.obsm["true_z"] = z.astype(np.float32)
+        chunk.obsm["true_v"] = v
+        chunk.obsm["true_beta"] = beta.astype(np.float32)
+        chunk.obsm["true_pi"] = pi.astype(np.float32)
+        chunk.varm["true_group_log_rho"] = group_log_rho.astype(np.float32)
+        chunk.uns["true_group_foreground"] = foreground
+        # A protein is planted-DE when it is foreground in some groups but not in others.
+        chunk.uns["protein_de"] = foreground.any(0) & ~foreground.all(0)
+        yield chunk

@@ -64,8 +64,21 @@ def site_log_prob(site: dict) -> torch.Tensor:
     return lp if site["mask"] is None else lp * site["mask"]
 
 
-def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None):
-    order = rng.permutation(indices) if rng is not None else indices
+def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+             block: int = 1):
+    """Shuffled minibatches of ``indices``.
+
+    ``block > 1`` shuffles runs of ``block`` consecutive (sorted) indices instead of single cells:
+    for data read from disk a minibatch is then a few contiguous reads, not ``batch_size``
+    random ones. Cells are still visited once per epoch; only neighbours share minibatches.
+    """
+    if rng is None:
+        order = indices
+    elif block > 1:
+        runs = np.array_split(indices, max(1, -(-len(indices) // block)))
+        order = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
+    else:
+        order = rng.permutation(indices)
     n = len(order)
     for start in range(0, n, batch_size):
         chunk = order[start : start + batch_size]
@@ -391,7 +404,8 @@ def train(
         module.train()
         losses = []
         with module.fast_calls():
-            for b, chunk in enumerate(_batches(train_idx, batch_size, rng)):
+            block = 32 if getattr(data, "backed", False) else 1
+            for b, chunk in enumerate(_batches(train_idx, batch_size, rng, block)):
                 mb: Minibatch = data.minibatch(chunk)
                 # Pyro's poutine.scale needs a weight > 0: the first step uses the second's.
                 kl_weight = min(1.0, max(step, 1) / n_steps_kl_warmup) if n_steps_kl_warmup else 1.0
