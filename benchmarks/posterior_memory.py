@@ -14,19 +14,7 @@ import json
 import resource
 import time
 
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so the peak covers only what follows."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from _proc import reset_peak, status_mb
 
 
 def main() -> None:

@@ -22,19 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from _proc import reset_peak, status_mb
 
 
 def write_h5ad(path: Path, n_cells: int, n_genes: int, n_proteins: int, chunk: int) -> None:

@@ -21,6 +21,16 @@ def shared_file(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny networks: they gain nothing from threads, and on a busy 2-core
+    machine two threads per process spin in OpenMP barriers (tens of times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sim_adata():
     """600 cells x 120 genes x 12 proteins, 2 batches, 4 groups; do not modify (copy first)."""

@@ -13,14 +13,7 @@ N_EPOCHS = 4
 KW = dict(seed=3, batch_size=128, progress_bar=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and 2 threads on a busy 2-core machine are ~50x
-    slower (spinning OpenMP workers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(adata, **kwargs):

@@ -10,14 +10,7 @@ import torch
 from pyro_totalvi import TOTALVI, TotalVIDataError, TotalVIModule, simulate
 from pyro_totalvi.data import CiteData
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests are sized for one thread; the rest of the suite keeps its setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _adata(n=200, seed=0):
     a = simulate(n, n_genes=40, n_proteins=6, n_batches=2, seed=seed)

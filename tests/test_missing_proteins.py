@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pyro
 import pytest
-import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from scipy.stats import spearmanr
 
@@ -24,14 +23,7 @@ from pyro_totalvi.data import CiteData
 
 from .conftest import shared_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests are sized for one thread; the rest of the suite keeps its setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(seed=0, n=200):

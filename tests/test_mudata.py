@@ -6,20 +6,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from pyro_totalvi import TOTALVI, TotalVIDataError, simulate
 
 md = pytest.importorskip("mudata", reason="mudata is not installed (pip install mudata)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests are sized for one thread; the rest of the suite keeps its setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODALITIES = {"rna_layer": "rna", "protein_layer": "prot", "batch_key": "rna"}
