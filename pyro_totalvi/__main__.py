@@ -1,4 +1,7 @@
-"""Command line: ``python -m pyro_totalvi train INPUT.h5ad --out DIR`` or ``... train --demo``."""
+"""Command line: ``python -m pyro_totalvi train INPUT.h5ad --out DIR`` or ``... train --demo``.
+
+Several processes: ``torchrun --nproc-per-node N -m pyro_totalvi train ... --distributed``.
+"""
 
 from __future__ import annotations
 
@@ -57,33 +60,56 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--n-cells", type=int, default=3000, help="cells simulated by --demo")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    tr.add_argument("--batch-size", type=int, default=256,
+                    help="minibatch size (per process with --distributed; default 256)")
+    tr.add_argument("--distributed", action="store_true",
+                    help="data-parallel over the processes started by torchrun "
+                         "(torchrun --nproc-per-node N -m pyro_totalvi train ... --distributed); "
+                         "only rank 0 prints and writes --out")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import anndata as ad
     import torch
 
     from . import TOTALVI, simulate
+    from . import distributed as ddp
+
+    if args.demo == bool(args.input):
+        parser.error("give either INPUT.h5ad or --demo")
+    try:
+        created_group = ddp.init_distributed() if args.distributed else False
+    except ddp.DistributedSetupError as err:
+        parser.error(f"--distributed: {err}")
+    main_process = ddp.is_main_process() if args.distributed else True
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(message)s")
+    say = print if main_process else (lambda *_args, **_kwargs: None)  # only rank 0 talks
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.demo == bool(args.input):
-        parser.error("give either INPUT.h5ad or --demo")
     if args.demo:
         adata = simulate(args.n_cells, n_genes=1000, n_proteins=20, n_batches=2, seed=args.seed)
         batch_key = args.batch_key or "batch"
-        print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes x 20 proteins, 2 batches")
+        say(f"simulated {adata.n_obs} cells x {adata.n_vars} genes x 20 proteins, 2 batches")
     else:
         adata = ad.read_h5ad(args.input)
         batch_key = args.batch_key
-        print(f"read {args.input}: {adata.n_obs} cells x {adata.n_vars} genes")
+        say(f"read {args.input}: {adata.n_obs} cells x {adata.n_vars} genes")
     adata = _select_genes(adata, args.n_genes)
     TOTALVI.setup_anndata(adata, protein_expression_obsm_key=args.protein_key,
                           batch_key=batch_key, layer=args.layer)
     model = TOTALVI(adata, protein_mixture=args.protein_mixture)
     start = time.perf_counter()
-    model.train(max_epochs=args.max_epochs, seed=args.seed)
+    model.train(max_epochs=args.max_epochs, seed=args.seed, batch_size=args.batch_size,
+                strategy="ddp" if args.distributed else None, progress_bar=main_process)
     seconds = time.perf_counter() - start
+    if args.distributed:
+        world = ddp.get_world_size()
+        say(f"data-parallel over {world} processes ({args.batch_size} cells each per step)")
+        if created_group:
+            torch.distributed.destroy_process_group()
+        if not main_process:
+            return 0  # every process holds the same model; rank 0 writes it
     adata.obsm["X_totalvi"] = model.get_latent_representation()
 
     out = Path(args.out)
@@ -94,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     model.save(out / "model", overwrite=True)
     h = model.history
     n_epochs = len(h)
-    print(f"trained {n_epochs} epochs in {seconds:.1f} s "
+    say(f"trained {n_epochs} epochs in {seconds:.1f} s "
           f"({n_epochs * len(model.split['train']) / seconds:.0f} training cells/s)")
-    print(f"final negative ELBO per cell: train {h['elbo_train'].iloc[-1]:.1f}, "
+    say(f"final negative ELBO per cell: train {h['elbo_train'].iloc[-1]:.1f}, "
           f"validation {h.get('elbo_validation', h['elbo_train']).iloc[-1]:.1f}")
-    print(f"wrote {out}/adata_totalvi.h5ad (obsm['X_totalvi']), history.csv, elbo.png, model/")
+    say(f"wrote {out}/adata_totalvi.h5ad (obsm['X_totalvi']), history.csv, elbo.png, model/")
     return 0
 
 

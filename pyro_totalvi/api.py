@@ -250,6 +250,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         resume: bool = False,
+        strategy: str | None = None,
         **kwargs,
     ) -> TOTALVI:
         """Train by minibatch SVI; see :func:`pyro_totalvi.train.train` for ``**kwargs``.
@@ -262,13 +263,18 @@ class TOTALVI(PosteriorMixin, DEMixin):
         epochs and at the end. After an interruption, ``TOTALVI(adata, <same settings>)
         .train(<same arguments>, checkpoint_dir=..., resume=True)`` continues from it and ends
         exactly as the uninterrupted run would have; other data or settings raise.
+
+        ``strategy="ddp"``: data-parallel training over the processes started by ``torchrun``
+        (``batch_size`` per process; see :func:`pyro_totalvi.train.train` and the README section
+        "Training on several GPUs or machines"). Default ``None``: this process alone.
         """
         torch.manual_seed(seed)
         history, split = train(self.module, self.data, max_epochs=max_epochs, lr=lr,
                                batch_size=batch_size, train_size=train_size,
                                early_stopping=early_stopping, seed=seed,
                                progress_bar=progress_bar, checkpoint_dir=checkpoint_dir,
-                               checkpoint_every=checkpoint_every, resume=resume, **kwargs)
+                               checkpoint_every=checkpoint_every, resume=resume,
+                               strategy=strategy, **kwargs)
         self.history = history if self.history is None else pd.concat([self.history, history])
         self.split = split
         self.is_trained = True

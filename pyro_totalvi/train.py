@@ -24,6 +24,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .data import CiteData, Minibatch, TotalVIDataError
 from .model import TotalVIModule
 
@@ -65,12 +66,18 @@ def site_log_prob(site: dict) -> torch.Tensor:
 
 
 def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None,
-             block: int = 1):
+             block: int = 1, rank: int = 0, world: int = 1):
     """Shuffled minibatches of ``indices``.
 
     ``block > 1`` shuffles runs of ``block`` consecutive (sorted) indices instead of single cells:
     for data read from disk a minibatch is then a few contiguous reads, not ``batch_size``
     random ones. Cells are still visited once per epoch; only neighbours share minibatches.
+
+    With ``world > 1`` processes (all drawing the same order from identically seeded ``rng``),
+    the order is cut into global minibatches of ``world * batch_size`` cells and process ``rank``
+    gets the ``rank``-th contiguous part of each: the processes together see exactly the
+    minibatches of one process with ``world * batch_size``, and every process gets the same
+    number of minibatches (so no collective waits for a process that has run out).
     """
     if rng is None:
         order = indices
@@ -80,14 +87,15 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | No
     else:
         order = rng.permutation(indices)
     n = len(order)
-    for start in range(0, n, batch_size):
-        chunk = order[start : start + batch_size]
+    for start in range(0, n, batch_size * world):
+        chunk = order[start : start + batch_size * world]
         # BatchNorm needs at least 2 cells; a 1-2 cell tail is noise anyway (scvi-tools drops it).
-        # The first chunk is always kept (train() guarantees it has >= 2 cells), and with
-        # batch_size=2 only a 1-cell tail is dropped.
-        if start > 0 and len(chunk) < min(3, batch_size):
+        # The first chunk is always kept (train() guarantees it has >= 2 cells per process), and
+        # with batch_size=2 only a 1-cell tail is dropped. len(chunk) // world is the smallest
+        # process's part: every process takes the same decision.
+        if start > 0 and len(chunk) // world < min(3, batch_size):
             return
-        yield chunk
+        yield chunk if world == 1 else ddp.shard(chunk, rank, world)
 
 
 @torch.no_grad()
@@ -213,6 +221,7 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
 def _check_resumable(state: dict, path, data_fp: dict, module_cfg: dict, settings: dict) -> None:
     """Refuse to resume with other data, another architecture or other training settings."""
     saved = state["data"]
+    saved_settings = {"world_size": 1, **state["settings"]}  # written before world_size existed
     if any(saved[k] != data_fp[k] for k in ("n_obs", "n_genes", "n_proteins", "n_batches")):
         raise TotalVIDataError(
             f"checkpoint {path} was written for data of {saved['n_obs']} cells x "
@@ -237,8 +246,8 @@ def _check_resumable(state: dict, path, data_fp: dict, module_cfg: dict, setting
             + (f"; parameter shapes differ for {shapes[:5]}" if shapes else "")
             + ". Create the model with the same settings (n_latent, n_hidden, ...)."
         )
-    bad = {k: (state["settings"].get(k), v) for k, v in settings.items()
-           if state["settings"].get(k) != v}
+    bad = {k: (saved_settings.get(k), v) for k, v in settings.items()
+           if saved_settings.get(k) != v}
     if bad:
         raise ValueError(
             f"checkpoint {path} was written with other training settings: "
@@ -268,6 +277,7 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    strategy: str | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Train ``module`` on ``data`` by minibatch SVI.
 
@@ -300,6 +310,16 @@ def train(
         and resumed ends exactly as the uninterrupted run. Raises ``FileNotFoundError`` without a
         checkpoint, :class:`~pyro_totalvi.TotalVIDataError` for other data and ``ValueError``
         for another model or other settings.
+    strategy
+        ``None`` or ``"single"``: this process alone. ``"ddp"``: data-parallel over the processes
+        of a ``torch.distributed`` group (made from torchrun's environment variables if none is
+        initialised; see :mod:`pyro_totalvi.distributed`). Every process must call ``train`` with
+        the same data, model and arguments. ``batch_size`` is then per process (a step sees
+        ``world_size * batch_size`` cells); rank 0 broadcasts its parameters and buffers first,
+        gradients are averaged after every backward pass, BatchNorm statistics at every epoch's
+        end, and validation is split across processes and summed, so every process holds the
+        same parameters and history and stops at the same epoch. Only rank 0 writes checkpoints;
+        on ``resume`` rank 0 reads the checkpoint and sends it to the others.
 
     Returns
     -------
@@ -326,6 +346,12 @@ def train(
         raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir that the interrupted run wrote to")
+    if strategy not in (None, "single", "ddp"):
+        raise ValueError(f"strategy must be None, 'single' or 'ddp', got {strategy!r}")
+    rank, world = 0, 1
+    if strategy == "ddp":
+        ddp.init_distributed()  # no-op if a process group exists; a clear error outside torchrun
+        rank, world = ddp.get_rank(), ddp.get_world_size()
     max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
     n_steps_kl_warmup = int(0.75 * n) if n_steps_kl_warmup is None else n_steps_kl_warmup
     rng = np.random.default_rng(seed)
@@ -338,6 +364,14 @@ def train(
     # the full KL weight at a fraction of an epoch's cost.
     train_probe = np.sort(rng.choice(train_idx, min(len(train_idx), max(len(val_idx), 256)),
                                      replace=False))
+    if world > 1:
+        if n_train < 2 * world:
+            raise TotalVIDataError(
+                f"{world} processes need at least {2 * world} training cells (2 per process for "
+                f"BatchNorm); there are {n_train}. Use fewer processes."
+            )
+        # Initial weights, empirical background prior and library-size prior buffers: rank 0's.
+        ddp.broadcast_module(module)
 
     elbo = make_elbo(module)
     # fused: one kernel for all parameters instead of a Python loop over 40 tensors.
@@ -363,10 +397,20 @@ def train(
             batch_size=batch_size, train_size=float(train_size),
             early_stopping=bool(early_stopping), early_stopping_patience=early_stopping_patience,
             reduce_lr_on_plateau=bool(reduce_lr_on_plateau), lr_patience=lr_patience,
-            lr_factor=float(lr_factor), n_steps_kl_warmup=n_steps_kl_warmup,
+            lr_factor=float(lr_factor), n_steps_kl_warmup=n_steps_kl_warmup, world_size=world,
         )
-    if resume:
+    if resume and world > 1:
+        # Rank 0 reads the file (other nodes need not see it) and sends it, or its error, to all.
+        try:
+            state = load_checkpoint(checkpoint_dir) if rank == 0 else None
+        except (OSError, ValueError) as err:
+            state = err
+        state = ddp.broadcast_object(state)
+        if isinstance(state, BaseException):
+            raise state
+    elif resume:
         state = load_checkpoint(checkpoint_dir)
+    if resume:
         _check_resumable(state, checkpoint_dir / CHECKPOINT_NAME, data_fp, module_cfg, settings)
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
@@ -398,14 +442,19 @@ def train(
         })
 
     epochs = range(start_epoch, max_epochs) if not stopped else range(0)
-    bar = tqdm(epochs, desc="Training", disable=not progress_bar, unit="epoch",
+    bar = tqdm(epochs, desc="Training", disable=not progress_bar or rank != 0, unit="epoch",
                initial=start_epoch, total=max(max_epochs, start_epoch))
+    params = [p for p in module.parameters() if p.requires_grad]
     for epoch in bar:
+        if world > 1:
+            # Per process and epoch: different draws (z, dropout) on every process, and a
+            # resumed run continues exactly (no torch RNG state of rank > 0 to checkpoint).
+            torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
         module.train()
         losses = []
         with module.fast_calls():
             block = 32 if getattr(data, "backed", False) else 1
-            for b, chunk in enumerate(_batches(train_idx, batch_size, rng, block)):
+            for b, chunk in enumerate(_batches(train_idx, batch_size, rng, block, rank, world)):
                 mb: Minibatch = data.minibatch(chunk)
                 # Pyro's poutine.scale needs a weight > 0: the first step uses the second's.
                 kl_weight = min(1.0, max(step, 1) / n_steps_kl_warmup) if n_steps_kl_warmup else 1.0
@@ -413,6 +462,14 @@ def train(
                     module.model, module.guide, *mb.args(), idx=mb.idx, n_obs=n_train,
                     kl_weight=kl_weight,
                 ) / n_train
+                optimizer.zero_grad(set_to_none=True)
+                if world > 1:
+                    # Backward first: every process joins the all-reduce, even with a NaN loss,
+                    # and they all see the same averaged loss and stop together if it is not
+                    # finite. The averaged gradient estimates the same per-cell ELBO gradient
+                    # (each process's plate scales by n_train / its cells), as DDP would.
+                    loss.backward()
+                    loss = ddp.all_reduce_gradients(params, loss)
                 if not torch.isfinite(loss):
                     module.load_state_dict(last_good)
                     raise TrainingDivergedError(
@@ -421,18 +478,28 @@ def train(
                         "completed epoch. Try a lower lr, check the input for outliers, or use "
                         "a larger batch_size."
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if world == 1:
+                    loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
                 step += 1
+        if world > 1:
+            ddp.average_batchnorm_stats(module)  # eval mode must be the same on every process
         # Cheap enough once per epoch; a divergence within an epoch rolls back to here.
         last_good = {k: v.detach().clone() for k, v in module.state_dict().items()}
         row = {"epoch": epoch, "loss_train": float(np.mean(losses)) if losses else math.nan,
                "kl_weight": kl_weight if losses else math.nan,
                "lr": optimizer.param_groups[0]["lr"]}
         for name, idx in (("train", train_probe), ("validation", val_idx)):
-            if len(idx):
+            if len(idx) and world > 1:
+                # Each process evaluates its part; the sums over all parts give the same means
+                # (and the same early-stopping decision) everywhere.
+                part = ddp.shard(idx, rank, world)
+                terms = evaluate(module, data, part)
+                sums = ddp.all_reduce_sum([v * len(part) for v in terms.values()])
+                for key, total in zip(terms, sums):
+                    row[f"{key}_{name}"] = total / len(idx)
+            elif len(idx):
                 for key, value in evaluate(module, data, idx).items():
                     row[f"{key}_{name}"] = value
         history.append(row)
@@ -445,7 +512,7 @@ def train(
             best, best_epoch = monitor, epoch
         elif early_stopping and len(val_idx) and epoch - best_epoch >= early_stopping_patience:
             stopped = True
-        if checkpoint_dir is not None and (
+        if checkpoint_dir is not None and rank == 0 and (
             stopped or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == max_epochs
         ):
             checkpoint(epoch + 1)
