@@ -37,7 +37,7 @@ def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
     nz = flat_x.nonzero().squeeze(-1)
     xn, thn = flat_x[nz], torch.take(theta.expand(shape), nz)
     gamma_terms = torch.lgamma(xn + thn) - torch.lgamma(thn) - torch.lgamma(xn + 1)
-    return res.reshape(-1).index_add(0, nz, gamma_terms).view(shape)
+    return res.reshape(-1).index_add(0, nz, gamma_terms.to(res.dtype)).view(shape)
 
 
 def _sample_nb(mu: torch.Tensor, theta: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -16,7 +16,7 @@ from anndata import AnnData
 from pyro import poutine
 from pyro.infer import Predictive
 from pyro.poutine.util import site_is_subsample
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import CiteData, Minibatch, TotalVIDataError
 from .train import evaluate, site_log_prob

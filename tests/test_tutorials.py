@@ -37,13 +37,20 @@ def test_all_tutorials_present():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_tutorial_structure_and_saved_outputs(path):
-    """Opens with what it teaches, ends with what to try next, committed with its plots."""
+    """Opens with what it teaches, ends with what to try next, committed with its plots.
+
+    02 is the exception: its plots come from ../shared/data, and nothing derived from that data
+    may be committed, so it is stored without outputs (and executed by the test below).
+    """
     nb = nbformat.read(path, as_version=4)
     assert nb.cells[0].cell_type == "markdown" and "What this notebook teaches" in nb.cells[0].source
     assert nb.cells[-1].cell_type == "markdown" and "What to try next" in nb.cells[-1].source
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.get("execution_count") for c in code), "commit the notebook executed"
-    assert any("image/png" in out.get("data", {}) for c in code for out in c.outputs)
+    if path.stem == "02_cite_seq_analysis":
+        assert not any(c.outputs for c in code), "no outputs derived from ../shared/data"
+    else:
+        assert all(c.get("execution_count") for c in code), "commit the notebook executed"
+        assert any("image/png" in out.get("data", {}) for c in code for out in c.outputs)
     assert not [out for c in code for out in c.outputs if out.output_type == "error"]
     source = "\n".join(c.source for c in code)
     assert "PYRO_TOTALVI_FAST" in source and "torch.set_num_threads(2)" in source
