@@ -76,8 +76,9 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | No
     With ``world > 1`` processes (all drawing the same order from identically seeded ``rng``),
     the order is cut into global minibatches of ``world * batch_size`` cells and process ``rank``
     gets the ``rank``-th contiguous part of each: the processes together see exactly the
-    minibatches of one process with ``world * batch_size``, and every process gets the same
-    number of minibatches (so no collective waits for a process that has run out).
+    minibatches of one process with ``world * batch_size`` (but a last one too small to give
+    every process 3 cells is dropped), and every process gets the same number of minibatches (so
+    no collective waits for a process that has run out).
     """
     if rng is None:
         order = indices
