@@ -301,8 +301,9 @@ class BackedCSR:
                 indices.append(self.indices[start:stop])
         lengths = self.indptr[idx + 1] - self.indptr[idx]
         indptr = np.concatenate([[0], np.cumsum(lengths)])
-        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-        return sp.csr_matrix((cat(data, np.float32), cat(indices, np.int32), indptr),
+        if not data:  # no rows requested
+            data, indices = [np.zeros(0, np.float32)], [np.zeros(0, np.int32)]
+        return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
                              shape=(len(idx), self.shape[1]))
 
     def chunks(self, size: int = 100_000):
