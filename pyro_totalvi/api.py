@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,7 +30,7 @@ from .data import (
 from .de import DEMixin
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
-from .train import train
+from .train import atomic_write, train
 
 __all__ = ["TOTALVI"]
 
@@ -328,17 +327,12 @@ class TOTALVI(PosteriorMixin, DEMixin):
             "var_names": list(map(str, self.adata.var_names)),
             "is_trained": self.is_trained,
         }
-        _atomic_write(path / "settings.json", json.dumps(settings, indent=1).encode())
-        with tempfile.NamedTemporaryFile(dir=path, delete=False) as f:
-            try:
-                torch.save(self.module.state_dict(), f)
-            except BaseException:
-                f.close()
-                os.unlink(f.name)
-                raise
-        os.replace(f.name, path / "params.pt")
+        atomic_write(path / "settings.json",
+                     lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        state = self.module.state_dict()
+        atomic_write(path / "params.pt", lambda f: torch.save(state, f))
         if self.history is not None:
-            _atomic_write(path / "history.csv", self.history.to_csv().encode())
+            atomic_write(path / "history.csv", lambda f: f.write(self.history.to_csv().encode()))
         elif (path / "history.csv").exists():  # overwrite=True: not another model's history
             (path / "history.csv").unlink()
 
@@ -403,8 +397,3 @@ def _jsonable(value):
         return value.item() if isinstance(value, np.generic) else value
     return str(value)
 
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
-        f.write(payload)
-    os.replace(f.name, path)

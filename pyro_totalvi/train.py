@@ -181,22 +181,26 @@ def _set_rng_states(rng: np.random.Generator, states: dict) -> None:
     rng.bit_generator.state = states["numpy_generator"]
 
 
-def _write_checkpoint(directory: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file in ``directory``, then ``os.replace``: a reader (or a
-    crash) sees the previous checkpoint or the new one, never a partial file, and no temporary
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then ``os.replace`` it: a reader
+    (or a crash) sees the previous file or the new one, never a partial file, and no temporary
     file is left behind."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, directory / CHECKPOINT_NAME)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _write_checkpoint(directory: Path, payload: dict) -> None:
+    atomic_write(directory / CHECKPOINT_NAME, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
