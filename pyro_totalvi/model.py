@@ -86,7 +86,7 @@ class TotalVIModule(nn.Module):
         Weight ``w`` of a factor ``w log pi`` per cell and protein. Not part of Eqs. (1)-(14):
         where counts cannot tell background from foreground (a protein with almost no counts,
         such as an isotype control) the likelihood is flat in ``pi``, and this tips it to
-        background; it is negligible wherever the data speak. scvi-tools >= 1.2 adds the same
+        background; it is negligible wherever the data speak. scvi-tools 1.4 adds the same
         term. It is left out of reported ELBOs; 0 removes it.
     """
 
