@@ -59,6 +59,10 @@ class TOTALVI(PosteriorMixin, DEMixin):
         than 10 proteins (as scvi-tools).
     seed
         Seeds the initial network weights (the global torch RNG is left as it was).
+    module_class
+        A subclass of :class:`~pyro_totalvi.TotalVIModule` (e.g. with another likelihood in an
+        overridden ``model``) built with the same arguments; training, queries and
+        ``load(..., module_class=)`` then use it.
     **network_kwargs
         ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``,
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
@@ -81,6 +85,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
         use_observed_lib_size: bool = True,
         empirical_protein_background_prior: bool | None = None,
         seed: int = 0,
+        module_class: type[TotalVIModule] = TotalVIModule,
         **network_kwargs,
     ):
         #: the MuData given, if any; :attr:`adata` is then its RNA modality as an AnnData with
@@ -127,7 +132,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
                    if k != "empirical_protein_background_prior"}
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.module = TotalVIModule(
+            self.module = module_class(
                 self.data.n_genes,
                 self.data.n_proteins,
                 self.data.n_batches,
@@ -337,10 +342,12 @@ class TOTALVI(PosteriorMixin, DEMixin):
             (path / "history.csv").unlink()
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData) -> TOTALVI:
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData,
+             module_class: type[TotalVIModule] = TotalVIModule) -> TOTALVI:
         """Load a saved model for ``adata``; genes, proteins and batches must match the saved ones.
 
-        ``adata`` is registered with the saved settings if it is not registered yet.
+        ``adata`` is registered with the saved settings if it is not registered yet. A model
+        trained with ``TOTALVI(..., module_class=C)`` loads with ``module_class=C``.
         """
         path = Path(dir_path)
         settings = json.loads((path / "settings.json").read_text())
@@ -374,7 +381,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
         adata.uns[REGISTRY_KEY] = dict(reg)  # codes must follow the saved categories
         init = dict(settings["init_params"])
         init["empirical_protein_background_prior"] = False  # parameters come from the file
-        model = cls(adata, **init)
+        model = cls(adata, module_class=module_class, **init)
         model.init_params = settings["init_params"]
         model.module.load_state_dict(torch.load(path / "params.pt", weights_only=True))
         model.module.eval()

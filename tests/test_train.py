@@ -114,3 +114,22 @@ def test_save_load_reproduces_every_query(trained, tmp_path):
         b = call(loaded)
         for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+
+
+def test_module_subclass_trains_saves_and_loads(adata, tmp_path):
+    """A reader's model extension (an extra parameter) goes through train, save and load."""
+    from pyro_totalvi import TotalVIModule
+
+    class Extended(TotalVIModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.extra = torch.nn.Parameter(torch.zeros(3))
+
+    m = TOTALVI(adata, n_latent=5, n_hidden=32, module_class=Extended)
+    assert isinstance(m.module, Extended)
+    m.train(max_epochs=1, progress_bar=False)
+    m.save(tmp_path / "ext")
+    with pytest.raises(RuntimeError, match="extra"):
+        TOTALVI.load(tmp_path / "ext", adata.copy())  # the base class has no such parameter
+    loaded = TOTALVI.load(tmp_path / "ext", adata.copy(), module_class=Extended)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), m.get_latent_representation())
