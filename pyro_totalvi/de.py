@@ -57,18 +57,13 @@ class DEMixin:
         """
         rng = np.random.default_rng(0)
         chosen = rng.choice(cells, size=n_samples, replace=True)
-        out = np.zeros((n_samples, self.module.n_genes + self.module.n_proteins), np.float32)
-        with self.module.fast_calls():
-            for pos, mb in self._chunks(data, chosen, None):
-                acc = 0.0
-                for code in batch_codes:
-                    (d,) = self._draws(mb, 1, code, ["rho", "alpha", "pi", "beta"])
-                    acc = acc + torch.cat([d["rho"], (1 - d["pi"]) * d["beta"] * d["alpha"]], -1)
-                h = acc / len(batch_codes)
-                offset = torch.cat([torch.full((self.module.n_genes,), pseudocount),
-                                    torch.full((self.module.n_proteins,), protein_prior_count)])
-                out[pos] = torch.log2(h + offset + _EPS).numpy()
-        return out
+        (h,) = self._average_draws(
+            data, chosen, None, batch_codes, 1, ["rho", "alpha", "pi", "beta"],
+            lambda mb, d: (torch.cat([d["rho"], (1 - d["pi"]) * d["beta"] * d["alpha"]], -1),),
+            (self.module.n_genes + self.module.n_proteins,))
+        offset = torch.cat([torch.full((self.module.n_genes,), pseudocount),
+                            torch.full((self.module.n_proteins,), protein_prior_count)])
+        return torch.log2(torch.from_numpy(h) + offset + _EPS).numpy()
 
     def differential_expression(
         self,

@@ -86,6 +86,35 @@ class PosteriorMixin:
                 yield {name: value[i] for name, value in draw.items()}
             done += k
 
+    def _average_draws(self, data: CiteData, idx: np.ndarray, batch_size: int | None,
+                       codes: list[int | None], n_samples: int, sites: Sequence[str],
+                       quantity, widths: Sequence[int], return_mean: bool = True,
+                       progress_bar: bool = False, desc: str | None = None) -> list[np.ndarray]:
+        """Per cell, the average of ``quantity(mb, draw)`` over posterior draws and batch codes.
+
+        ``quantity`` returns one tensor per entry of ``widths`` (cells x width). Sums run per
+        cell chunk, so memory is O(chunk x width); ``return_mean=False`` keeps each draw (still
+        averaged over ``codes``), giving arrays of shape ``(n_samples, cells, width)``.
+        """
+        lead = () if return_mean else (n_samples,)
+        outs = [np.zeros(lead + (len(idx), w), dtype=np.float32) for w in widths]
+        n_avg = len(codes) * (n_samples if return_mean else 1)
+        chunks = tqdm(self._chunks(data, idx, batch_size), total=-(-len(idx) // (batch_size or _CHUNK)),
+                      disable=not progress_bar, desc=desc)
+        with self.module.fast_calls():
+            for pos, mb in chunks:
+                accs = [torch.zeros(lead + (len(pos), w)) for w in widths]
+                for code in codes:
+                    for k, d in enumerate(self._draws(mb, n_samples, code, sites)):
+                        for acc, value in zip(accs, quantity(mb, d)):
+                            if return_mean:
+                                acc += value
+                            else:
+                                acc[k] += value
+                for out, acc in zip(outs, accs):
+                    out[..., pos, :] = (acc / n_avg).numpy()
+        return outs
+
     def _select(self, names: Sequence[str], wanted, what: str) -> np.ndarray:
         if wanted is None:
             return np.arange(len(names))
@@ -202,44 +231,26 @@ class PosteriorMixin:
         names = self._cell_names(adata, idx)
         g_sel = self._select(list(map(str, self.adata.var_names)), gene_list, "genes")
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
-        codes = self._batch_codes(transform_batch)
-        lead = () if return_mean else (n_samples,)
-        rna_out = np.zeros(lead + (len(idx), len(g_sel)), dtype=np.float32)
-        pro_out = np.zeros(lead + (len(idx), len(p_sel)), dtype=np.float32)
         sites = ["rho", "alpha", "pi", "beta"] + (["l"] if library_size == "latent" and
                                                   not self.module.use_observed_lib_size else [])
         g_t, p_t = torch.from_numpy(g_sel), torch.from_numpy(p_sel)
-        n_chunks = -(-len(idx) // (batch_size or _CHUNK))
-        chunks = tqdm(self._chunks(data, idx, batch_size), total=n_chunks,
-                      disable=not progress_bar, desc="Normalized expression")
-        with self.module.fast_calls():
-            for pos, mb in chunks:
-                rna_acc = torch.zeros(lead + (len(pos), len(g_sel)))
-                pro_acc = torch.zeros(lead + (len(pos), len(p_sel)))
-                for code in codes:
-                    for k, d in enumerate(self._draws(mb, n_samples, code, sites)):
-                        if library_size == "latent":
-                            lib = d["l"] if "l" in d else mb.log_library.exp()
-                        else:
-                            lib = float(library_size)
-                        rna = (lib * d["rho"])[:, g_t]
-                        pi = d["pi"]
-                        if sample_protein_mixing:
-                            pi = torch.bernoulli(pi)
-                        pro = (1 - pi) * d["beta"] * d["alpha"]
-                        if include_protein_background:
-                            pro = pro + pi * d["beta"]
-                        if scale_protein:
-                            pro = pro / pro.sum(-1, keepdim=True)
-                        if return_mean:
-                            rna_acc += rna
-                            pro_acc += pro[:, p_t]
-                        else:
-                            rna_acc[k] += rna
-                            pro_acc[k] += pro[:, p_t]
-                n_avg = len(codes) * (n_samples if return_mean else 1)
-                rna_out[..., pos, :] = (rna_acc / n_avg).numpy()
-                pro_out[..., pos, :] = (pro_acc / n_avg).numpy()
+
+        def denoised(mb, d):
+            if library_size == "latent":
+                lib = d["l"] if "l" in d else mb.log_library.exp()
+            else:
+                lib = float(library_size)
+            pi = torch.bernoulli(d["pi"]) if sample_protein_mixing else d["pi"]
+            pro = (1 - pi) * d["beta"] * d["alpha"]
+            if include_protein_background:
+                pro = pro + pi * d["beta"]
+            if scale_protein:
+                pro = pro / pro.sum(-1, keepdim=True)
+            return (lib * d["rho"])[:, g_t], pro[:, p_t]
+
+        rna_out, pro_out = self._average_draws(
+            data, idx, batch_size, self._batch_codes(transform_batch), n_samples, sites, denoised,
+            (len(g_sel), len(p_sel)), return_mean, progress_bar, "Normalized expression")
         if return_numpy or not return_mean:
             return rna_out, pro_out
         genes = np.asarray(self.adata.var_names)[g_sel]
@@ -262,21 +273,10 @@ class PosteriorMixin:
         r"""Posterior probability that each protein is foreground, :math:`E_q[1 - \pi_{nt}]`."""
         data, idx = self._prepare(adata, indices)
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
-        codes = self._batch_codes(transform_batch)
-        lead = () if return_mean else (n_samples,)
-        out = np.zeros(lead + (len(idx), len(p_sel)), dtype=np.float32)
         p_t = torch.from_numpy(p_sel)
-        with self.module.fast_calls():
-            for pos, mb in self._chunks(data, idx, batch_size):
-                acc = torch.zeros(lead + (len(pos), len(p_sel)))
-                for code in codes:
-                    for k, d in enumerate(self._draws(mb, n_samples, code, ["pi"])):
-                        fg = 1 - d["pi"][:, p_t]
-                        if return_mean:
-                            acc += fg
-                        else:
-                            acc[k] += fg
-                out[..., pos, :] = (acc / (len(codes) * (n_samples if return_mean else 1))).numpy()
+        (out,) = self._average_draws(
+            data, idx, batch_size, self._batch_codes(transform_batch), n_samples, ["pi"],
+            lambda mb, d: (1 - d["pi"][:, p_t],), (len(p_sel),), return_mean)
         if return_numpy or not return_mean:
             return out
         return pd.DataFrame(out, index=self._cell_names(adata, idx),

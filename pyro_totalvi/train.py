@@ -450,6 +450,7 @@ def train(
     bar = tqdm(epochs, desc="Training", disable=not progress_bar or rank != 0, unit="epoch",
                initial=start_epoch, total=max(max_epochs, start_epoch))
     params = [p for p in module.parameters() if p.requires_grad]
+    block = 32 if getattr(data, "backed", False) else 1  # see _batches: contiguous disk reads
     for epoch in bar:
         if world > 1:
             # Per process and epoch: different draws (z, dropout) on every process, and a
@@ -458,7 +459,6 @@ def train(
         module.train()
         losses = []
         with module.fast_calls():
-            block = 32 if getattr(data, "backed", False) else 1
             for b, chunk in enumerate(_batches(train_idx, batch_size, rng, block, rank, world)):
                 mb: Minibatch = data.minibatch(chunk)
                 # Pyro's poutine.scale needs a weight > 0: the first step uses the second's.
