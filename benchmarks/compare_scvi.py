@@ -160,6 +160,7 @@ def prepare_data(args):
         info["generator"] = f"{ECCITE_PATH.name}, top {args.n_genes} genes by detection"
     else:
         n_cells = 1000 if args.small else SIM_SIZES[args.data]
+        n_cells += int(round(n_cells * args.heldout_frac))  # split off in run_prepare
         sim = None
         try:
             sim = getattr(import_pyro_totalvi(), "simulate", None)
@@ -301,6 +302,7 @@ class ScviSide:
             plan_kwargs=json.loads(self.args.scvi_plan_kwargs or "{}") or None,
             enable_progress_bar=False,
             enable_model_summary=False,
+            accelerator=self.args.accelerator,
             **json.loads(self.args.scvi_train_kwargs or "{}"),
         )
 
@@ -318,21 +320,20 @@ class ScviSide:
                 out[k] = float(h[k].iloc[-1, 0])
         return out
 
-    def neg_elbo(self, indices):
+    def neg_elbo(self, indices, adata=None):
         # scvi's get_elbo returns the ELBO (higher is better) averaged over cells, computed
         # as -(reconstruction + kl_local) with KL weight 1: negate for the negative ELBO.
-        return float(-self.model.get_elbo(indices=indices, batch_size=BATCH_SIZE))
+        return float(-self.model.get_elbo(adata=adata, indices=indices, batch_size=BATCH_SIZE))
 
-    def neg_elbo_terms(self, indices):
+    def neg_elbo_terms(self, indices, adata=None):
         """Per-cell means of scvi's loss terms, and the 'pure' negative ELBO without the two
         non-ELBO penalties that scvi 1.4 folds into kl_div_back_pro."""
         import torch
 
         module = self.model.module
         module.eval()
-        dl = self.model._make_data_loader(
-            adata=self.model.adata, indices=indices, batch_size=BATCH_SIZE
-        )
+        adata = self.model._validate_anndata(adata)  # transfers the setup to held-out data
+        dl = self.model._make_data_loader(adata=adata, indices=indices, batch_size=BATCH_SIZE)
         sums, n = {}, 0
         lognorm = torch.distributions.LogNormal(torch.tensor(0.0), torch.tensor(1.0))
         with torch.inference_mode():
@@ -375,7 +376,8 @@ class ScviSide:
 
     def load(self, path, adata):
         self.setup(adata)
-        self.model = self.scvi.model.TOTALVI.load(path, adata=adata, accelerator="cpu")
+        self.model = self.scvi.model.TOTALVI.load(path, adata=adata,
+                                                  accelerator=self.args.accelerator)
 
 
 class OursSide:
@@ -407,6 +409,7 @@ class OursSide:
             early_stopping=False,
             seed=self.args.seed,
             progress_bar=False,
+            accelerator=self.args.accelerator,
             **json.loads(self.args.ours_train_kwargs or "{}"),
         )
 
@@ -434,11 +437,41 @@ class OursSide:
                 out[k] = float(h[k].dropna().iloc[-1])
         return out
 
-    def neg_elbo(self, indices):
-        return float(-self.model.get_elbo(indices=indices))  # both return the ELBO; report -ELBO
+    def neg_elbo(self, indices, adata=None):
+        # both return the ELBO; report -ELBO
+        return float(-self.model.get_elbo(adata=adata, indices=indices))
 
-    def neg_elbo_terms(self, indices):
-        return {}
+    def neg_elbo_terms(self, indices, adata=None):
+        """Per-cell means of the same terms as scvi's (v summed out, analytic KL, one draw)."""
+        import numpy as np
+        import torch
+        from pyro import poutine
+        from torch.distributions import kl_divergence
+
+        from pyro_totalvi.train import site_log_prob
+
+        module, data = self.model.module.eval(), self.model._data(adata)
+        if indices is None:
+            indices = np.arange(data.n_obs)
+        sums = dict.fromkeys(("reconst_loss_gene", "reconst_loss_protein", "kl_div_z",
+                              "kl_div_l_gene", "kl_div_back_pro"), 0.0)
+        names = {"x": "reconst_loss_gene", "y": "reconst_loss_protein", "z": "kl_div_z",
+                 "l": "kl_div_l_gene", "beta": "kl_div_back_pro"}
+        with torch.no_grad(), module.v_summed_out(), module.fast_calls():
+            for start in range(0, len(indices), BATCH_SIZE):
+                mb = data.minibatch(indices[start:start + BATCH_SIZE], self.model.device)
+                g = poutine.trace(module.guide).get_trace(*mb.args())
+                m = poutine.trace(poutine.replay(module.model, trace=g)).get_trace(*mb.args())
+                for site in ("x", "y"):
+                    sums[names[site]] -= float(site_log_prob(m.nodes[site]).sum())
+                for site in ("z", "l", "beta"):
+                    if site in g.nodes:
+                        k = kl_divergence(g.nodes[site]["fn"], m.nodes[site]["fn"])
+                        mask = m.nodes[site]["mask"]
+                        sums[names[site]] += float((k if mask is None else k * mask).sum())
+        means = {k: v / len(indices) for k, v in sums.items()}
+        means["neg_elbo_pure"] = sum(means.values())  # no penalty terms on this side
+        return means
 
     def latent(self):
         return self.model.get_latent_representation()
@@ -454,7 +487,7 @@ class OursSide:
 
     def load(self, path, adata):
         self.setup(adata)
-        self.model = self.pt.TOTALVI.load(path, adata=adata)
+        self.model = self.pt.TOTALVI.load(path, adata=adata, accelerator=self.args.accelerator)
 
 
 def make_side(name, args):
@@ -522,6 +555,15 @@ def run_child(args):
                 res["val_neg_elbo_pure"] = terms["neg_elbo_pure"]
         torch.manual_seed(args.seed)
         res["all_neg_elbo"] = side.neg_elbo(None)
+        held_path = Path(args._h5ad).with_name("heldout.h5ad")
+        if held_path.exists():
+            held = anndata.read_h5ad(held_path)
+            res["n_heldout_cells"] = held.n_obs
+            torch.manual_seed(args.seed)
+            res["heldout_neg_elbo"] = side.neg_elbo(None, held)
+            torch.manual_seed(args.seed)
+            terms = side.neg_elbo_terms(None, held)
+            res.update({"heldout_" + k: v for k, v in terms.items()})
         if side.can_save and not args.no_isolate:
             side.save(args._model_dir)
             res["saved_model"] = True
@@ -535,6 +577,8 @@ def run_child(args):
         infer_phase(args.phase)
     sampler.stop()
     res["vm_hwm_mb"] = _vm_hwm_mb()
+    if torch.cuda.is_initialized():  # peak GPU memory held by torch tensors in this process
+        res["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(args._out).write_text(json.dumps(res))
 
 
@@ -553,6 +597,18 @@ def run_prepare(args):
     """Child phase 'prepare': build the data set, write data.h5ad + meta.json."""
     t0 = time.perf_counter()
     adata, info = prepare_data(args)
+    # A held-out set that neither side trains on (each side also draws its own validation split
+    # from the training cells): the ELBOs of both models are compared on these same cells.
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed + 1)
+    n_held = int(round(adata.n_obs * args.heldout_frac / (1 + args.heldout_frac)))
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[rng.choice(adata.n_obs, n_held, replace=False)] = True
+    if n_held:
+        adata[held].copy().write_h5ad(Path(args._h5ad).with_name("heldout.h5ad"))
+    adata = adata[~held].copy()
+    info.update(n_cells=int(adata.n_obs), n_heldout_cells=int(n_held))
     adata.write_h5ad(args._h5ad)
     info["build_s"] = time.perf_counter() - t0
     try:
@@ -592,8 +648,9 @@ def spawn(args, side, phase, tmp, extra_env):
         "--_model_dir", str(tmp / f"model_{side}"), "--_out", str(out),
     ]
     for flag in ("scvi_model_kwargs", "scvi_plan_kwargs", "scvi_train_kwargs",
-                 "ours_model_kwargs", "ours_train_kwargs", "n_genes"):
-        if getattr(args, flag):
+                 "ours_model_kwargs", "ours_train_kwargs", "n_genes", "accelerator",
+                 "heldout_frac"):
+        if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.small:
         cmd.append("--small")
@@ -658,7 +715,7 @@ def run_parent(args):
             f"{info['n_proteins']} proteins, {info['n_batches']} batches "
             f"({info['generator']}; built in {info['build_s']:.1f} s); "
             f"DE {info['group1']} vs {info['group2']} ({info['de_source']}); "
-            f"epochs {args.epochs}, threads {args.threads}"
+            f"epochs {args.epochs}, threads {args.threads}, accelerator {args.accelerator}"
         )
         results = {}
         for side in sides:
@@ -688,7 +745,8 @@ def run_parent(args):
     summary = summarize(results)
     print_table(summary, sides)
     line = {"benchmark": "pyro_totalvi_vs_scvi", "data": info, "epochs": args.epochs,
-            "threads": args.threads, "batch_size": BATCH_SIZE, "seed": args.seed,
+            "threads": args.threads, "accelerator": args.accelerator, "batch_size": BATCH_SIZE,
+            "seed": args.seed,
             "results": summary}
     if args.out_json:
         Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
@@ -702,7 +760,18 @@ METRICS = [  # (key, label, where, field)
     ("train_cells_per_s", "train: cells / s", "train", "train_cells_per_s"),
     ("train_peak_rss_mb", "train: peak RSS (MB, process)", "train", "process_peak_rss_mb"),
     ("train_rss_increment_mb", "train: RSS increment (MB)", "train", "train_rss_increment_mb"),
-    ("val_neg_elbo", "-ELBO/cell, validation cells", "train", "val_neg_elbo"),
+    ("train_gpu_peak_mb", "train: peak GPU memory (MB)", "train", "gpu_peak_mb"),
+    ("heldout_neg_elbo", "-ELBO/cell, held-out cells", "train", "heldout_neg_elbo"),
+    ("heldout_neg_elbo_pure", "-ELBO/cell, held-out, no penalties", "train",
+     "heldout_neg_elbo_pure"),
+    ("heldout_reconst_loss_gene", "  of which RNA reconstruction", "train",
+     "heldout_reconst_loss_gene"),
+    ("heldout_reconst_loss_protein", "  of which protein reconstruction", "train",
+     "heldout_reconst_loss_protein"),
+    ("heldout_kl_div_z", "  of which KL(q(z) | p(z))", "train", "heldout_kl_div_z"),
+    ("heldout_kl_div_back_pro", "  of which KL background (scvi: + penalties)", "train",
+     "heldout_kl_div_back_pro"),
+    ("val_neg_elbo", "-ELBO/cell, validation cells (own split)", "train", "val_neg_elbo"),
     ("val_neg_elbo_pure", "-ELBO/cell, validation, no penalties", "train", "val_neg_elbo_pure"),
     ("history_elbo_validation", "-ELBO/cell, last history epoch", "train", "history_elbo_validation"),
     ("all_neg_elbo", "-ELBO/cell, all cells", "train", "all_neg_elbo"),
@@ -713,6 +782,7 @@ for _ph, _lab in (("normexpr", f"norm. expr. (n_samples={N_SAMPLES_NORM})"),
         (f"{_ph}_s", f"{_lab}: s", _ph, "time_s"),
         (f"{_ph}_peak_rss_mb", f"{_lab}: peak RSS (MB)", _ph, "process_peak_rss_mb"),
         (f"{_ph}_rss_increment_mb", f"{_lab}: RSS increment (MB)", _ph, "rss_increment_mb"),
+        (f"{_ph}_gpu_peak_mb", f"{_lab}: peak GPU memory (MB)", _ph, "gpu_peak_mb"),
     ]
 
 
@@ -773,10 +843,15 @@ def parse_args(argv=None):
     p.add_argument("--data", choices=["sim10k", "sim50k", "eccite"], default="sim10k")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 20; 2 with --small)")
     p.add_argument("--threads", type=int, default=2, help="torch/OMP threads per process")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"],
+                   help="where both sides train and run queries (default cpu)")
     p.add_argument("--sides", default="scvi,ours", help="comma list of scvi,ours")
     p.add_argument("--small", action="store_true", help="smoke mode: 1,000 cells, 2 epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--heldout-frac", type=float, default=0.1,
+                   help="extra cells (fraction of the training size) held out from both sides; "
+                        "simulated data get them on top of 10,000/50,000, eccite loses them")
     p.add_argument("--phases", default=",".join(PHASES_INFER),
                    help="inference calls to measure after training (comma list; '' = none)")
     p.add_argument("--no-isolate", action="store_true",

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     tr.add_argument("--batch-size", type=int, default=256,
                     help="minibatch size (per process with --distributed; default 256)")
+    tr.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
+                    help="where to train: auto (a CUDA GPU if torch sees one, else CPU), cpu, gpu")
+    tr.add_argument("--device", default="auto",
+                    help="GPU index or name such as cuda:1 (default: auto)")
     tr.add_argument("--distributed", action="store_true",
                     help="data-parallel over the processes started by torchrun "
                          "(torchrun --nproc-per-node N -m pyro_totalvi train ... --distributed); "
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     model = TOTALVI(adata, protein_mixture=args.protein_mixture)
     start = time.perf_counter()
     model.train(max_epochs=args.max_epochs, seed=args.seed, batch_size=args.batch_size,
-                strategy="ddp" if args.distributed else None, progress_bar=main_process)
+                strategy="ddp" if args.distributed else None, progress_bar=main_process,
+                accelerator=args.accelerator, device=args.device)
     seconds = time.perf_counter() - start
     if args.distributed:
         world = ddp.get_world_size()
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     model.save(out / "model", overwrite=True)
     h = model.history
     n_epochs = len(h)
-    say(f"trained {n_epochs} epochs in {seconds:.1f} s "
+    say(f"trained {n_epochs} epochs on {model.device} in {seconds:.1f} s "
           f"({n_epochs * len(model.split['train']) / seconds:.0f} training cells/s)")
     say(f"final negative ELBO per cell: train {h['elbo_train'].iloc[-1]:.1f}, "
           f"validation {h.get('elbo_validation', h['elbo_train']).iloc[-1]:.1f}")

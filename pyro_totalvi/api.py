@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from . import distributed
 from .data import (
     REGISTRY_KEY,
     CiteData,
@@ -30,7 +31,7 @@ from .data import (
 from .de import DEMixin
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
-from .train import atomic_write, train
+from .train import atomic_write, module_device, resolve_device, train
 
 __all__ = ["TOTALVI"]
 
@@ -255,6 +256,8 @@ class TOTALVI(PosteriorMixin, DEMixin):
         checkpoint_every: int = 10,
         resume: bool = False,
         strategy: str | None = None,
+        accelerator: str = "auto",
+        device: int | str | torch.device = "auto",
         **kwargs,
     ) -> TOTALVI:
         """Train by minibatch SVI; see :func:`pyro_totalvi.train.train` for ``**kwargs``.
@@ -271,7 +274,15 @@ class TOTALVI(PosteriorMixin, DEMixin):
         ``strategy="ddp"``: data-parallel training over the processes started by ``torchrun``
         (``batch_size`` per process; see :func:`pyro_totalvi.train.train` and the README section
         "Training on several GPUs or machines"). Default ``None``: this process alone.
+
+        ``accelerator`` (``"auto"``, ``"cpu"``, ``"gpu"``, ``"mps"``) and ``device`` (``"auto"``,
+        an index or ``"cuda:1"``) choose where to train, as in scvi-tools; ``"auto"`` takes a CUDA
+        GPU when torch sees one. The model stays there afterwards (see :meth:`to_device`):
+        queries run on the same device and return NumPy arrays / DataFrames as on the CPU.
         """
+        if strategy == "ddp":
+            distributed.init_distributed()  # first: it picks this process's GPU (LOCAL_RANK)
+        self.to_device(resolve_device(accelerator, device))
         torch.manual_seed(seed)
         history, split = train(self.module, self.data, max_epochs=max_epochs, lr=lr,
                                batch_size=batch_size, train_size=train_size,
@@ -282,6 +293,18 @@ class TOTALVI(PosteriorMixin, DEMixin):
         self.history = history if self.history is None else pd.concat([self.history, history])
         self.split = split
         self.is_trained = True
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """The device that holds the model's parameters (where training and queries run)."""
+        return module_device(self.module)
+
+    def to_device(self, device: int | str | torch.device) -> TOTALVI:
+        """Move the model to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, an index, ...)."""
+        if isinstance(device, int):
+            device = torch.device("cuda", device)
+        self.module.to(resolve_device("auto", device))
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -334,7 +357,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
         }
         atomic_write(path / "settings.json",
                      lambda f: f.write(json.dumps(settings, indent=1).encode()))
-        state = self.module.state_dict()
+        state = {k: v.cpu() for k, v in self.module.state_dict().items()}  # loadable without a GPU
         atomic_write(path / "params.pt", lambda f: torch.save(state, f))
         if self.history is not None:
             atomic_write(path / "history.csv", lambda f: f.write(self.history.to_csv().encode()))
@@ -343,11 +366,14 @@ class TOTALVI(PosteriorMixin, DEMixin):
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData,
-             module_class: type[TotalVIModule] = TotalVIModule) -> TOTALVI:
+             module_class: type[TotalVIModule] = TotalVIModule, accelerator: str = "auto",
+             device: int | str | torch.device = "auto") -> TOTALVI:
         """Load a saved model for ``adata``; genes, proteins and batches must match the saved ones.
 
         ``adata`` is registered with the saved settings if it is not registered yet. A model
-        trained with ``TOTALVI(..., module_class=C)`` loads with ``module_class=C``.
+        trained with ``TOTALVI(..., module_class=C)`` loads with ``module_class=C``. The model is
+        put on the device that ``accelerator`` and ``device`` name (as in :meth:`train`); a model
+        saved on a GPU loads on a CPU-only machine.
         """
         path = Path(dir_path)
         settings = json.loads((path / "settings.json").read_text())
@@ -383,7 +409,9 @@ class TOTALVI(PosteriorMixin, DEMixin):
         init["empirical_protein_background_prior"] = False  # parameters come from the file
         model = cls(adata, module_class=module_class, **init)
         model.init_params = settings["init_params"]
-        model.module.load_state_dict(torch.load(path / "params.pt", weights_only=True))
+        model.module.load_state_dict(torch.load(path / "params.pt", weights_only=True,
+                                                map_location="cpu"))
+        model.to_device(resolve_device(accelerator, device))
         model.module.eval()
         model.is_trained = settings["is_trained"]
         if (path / "history.csv").exists():

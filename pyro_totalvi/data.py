@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -586,6 +586,14 @@ class Minibatch:
     def args(self):
         return (self.x, self.y, self.s, self.log_library, self.covariates, self.protein_mask)
 
+    def to(self, device: torch.device | str | None) -> Minibatch:
+        """The same minibatch on ``device`` (itself when it is there already)."""
+        if device is None or self.x.device == torch.device(device):
+            return self
+        return Minibatch(**{f.name: None if getattr(self, f.name) is None
+                            else getattr(self, f.name).to(device, non_blocking=True)
+                            for f in fields(self)})
+
 
 class CiteData:
     """Registered CITE-seq data as arrays ready for slicing into minibatches.
@@ -681,8 +689,12 @@ class CiteData:
             return self.cell_protein_mask[idx]
         return self.protein_measured[self.batch[idx]]
 
-    def minibatch(self, idx: np.ndarray) -> Minibatch:
-        """Dense tensors for the cells ``idx`` (sorted for cache-friendly CSR row access)."""
+    def minibatch(self, idx: np.ndarray, device: torch.device | str | None = None) -> Minibatch:
+        """Dense tensors for the cells ``idx`` (sorted for cache-friendly CSR row access).
+
+        Rows are cut and densified on the CPU, one minibatch at a time, then moved to
+        ``device``: the data set itself never leaves host memory (or the disk, when backed).
+        """
         idx = np.sort(np.asarray(idx, dtype=np.int64))
         rows = self.X[idx]
         x = rows.toarray() if sp.issparse(rows) else rows
@@ -699,7 +711,7 @@ class CiteData:
             protein_mask=mask,
             idx=torch.from_numpy(idx),
             covariates=None if self.covariates is None else torch.from_numpy(self.covariates[idx]),
-        )
+        ).to(device)
 
 
 def library_log_stats(data: CiteData) -> tuple[np.ndarray, np.ndarray]:

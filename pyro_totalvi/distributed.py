@@ -92,8 +92,9 @@ def init_distributed(backend: str | None = None) -> bool:
     if not launched_by_torchrun():
         missing = [k for k in TORCHRUN_ENV if k not in os.environ]
         raise DistributedSetupError(f"{LAUNCH_HELP}\n(missing environment variables: {missing})")
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process on a node
+    local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if 0 <= local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # one GPU per process on a node
     dist.init_process_group(backend=backend or default_backend())  # init_method="env://"
     return True
 

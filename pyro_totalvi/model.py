@@ -82,6 +82,10 @@ class TotalVIModule(nn.Module):
         Initial ``c`` and ``exp(d)`` of Eq. (11), shape ``(T, K)``; random when ``None``.
     n_hidden, n_layers_encoder, dropout_rate_encoder, dropout_rate_decoder
         Network sizes, defaults as scvi-tools' TOTALVI.
+    protein_warmup
+        During KL warm-up, weight the protein likelihood (``v`` and ``y``) by the warm-up factor
+        as well, as scvi-tools 1.4 does: early epochs then shape z and the decoders by the RNA
+        first. At the end of warm-up (and in every reported ELBO) the weight is 1 either way.
     background_preference
         Weight ``w`` of a factor ``w log pi`` per cell and protein. Not part of Eqs. (1)-(14):
         where counts cannot tell background from foreground (a protein with almost no counts,
@@ -109,6 +113,7 @@ class TotalVIModule(nn.Module):
         dropout_rate_encoder: float = 0.2,
         dropout_rate_decoder: float = 0.2,
         background_preference: float = 1e-3,
+        protein_warmup: bool = True,
     ):
         super().__init__()
         if protein_mixture not in ("marginal", "enumerate"):
@@ -120,6 +125,7 @@ class TotalVIModule(nn.Module):
         self.protein_mixture = protein_mixture
         self.use_observed_lib_size = use_observed_lib_size
         self.background_preference = background_preference
+        self.protein_warmup = protein_warmup
         n_cov = n_batches + n_covariates
 
         self.encoder = _CovariateEncoder(
@@ -248,7 +254,8 @@ class TotalVIModule(nn.Module):
             Indices of the minibatch among ``n_obs`` cells: the plate scales the minibatch by
             ``n_obs / B`` so that the ELBO estimate is unbiased for the full data.
         kl_weight
-            KL warm-up factor on the local latent sites ``z`` and ``beta``.
+            KL warm-up factor on the local latent sites ``z`` and ``beta`` (and, with
+            ``protein_warmup``, on the protein likelihood).
         decode_as
             One-hot batch ``(B, K)`` that the generative networks and the background prior see
             instead of ``s``: counterfactual expression "as if measured in that batch"
@@ -265,7 +272,8 @@ class TotalVIModule(nn.Module):
         phi = self.log_phi.exp()  # phi_t: protein inverse dispersion
         with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
             with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([self.n_latent]).to_event(1))  # (1)
+                # s.new_zeros: the prior lives on the data's device (CPU or GPU)
+                z = pyro.sample("z", dist.Normal(s.new_zeros(self.n_latent), 1.0).to_event(1))  # (1)
             z = z.squeeze(-2)
             rho, alpha, pi_logits = self.decoder(z, cov)  # (2)-(4), (6)-(8): f_rho, g_alpha, h_pi
             if self.use_observed_lib_size:
@@ -289,16 +297,17 @@ class TotalVIModule(nn.Module):
                 c, d = s_gen @ self.background_c.T, (s_gen @ self.background_log_d.T).exp()
                 with poutine.scale(scale=kl_weight):
                     beta = pyro.sample("beta", dist.LogNormal(c, d))  # (11)
-                if self.protein_mixture == "enumerate":
-                    # v_nt = 1 means "background only"; pi is its probability.
-                    v = pyro.sample("v", dist.Bernoulli(logits=pi_logits),
-                                    infer={"enumerate": "parallel"})  # (12)
-                    mean = v * beta + (1 - v) * beta * alpha
-                    pyro.sample("y", NegativeBinomial(mean, phi), obs=y)  # (14)
-                else:
-                    # (12)-(14) with v summed out: pi NB(beta, phi) + (1 - pi) NB(beta alpha, phi)
-                    pyro.sample("y", NegativeBinomialMixture(beta, beta * alpha, phi, pi_logits),
-                                obs=y)
+                with poutine.scale(scale=kl_weight if self.protein_warmup else 1.0):
+                    if self.protein_mixture == "enumerate":
+                        # v_nt = 1 means "background only"; pi is its probability.
+                        v = pyro.sample("v", dist.Bernoulli(logits=pi_logits),
+                                        infer={"enumerate": "parallel"})  # (12)
+                        mean = v * beta + (1 - v) * beta * alpha
+                        pyro.sample("y", NegativeBinomial(mean, phi), obs=y)  # (14)
+                    else:
+                        # (12)-(14) with v summed out: pi NB(beta) + (1 - pi) NB(beta alpha)
+                        pyro.sample("y", NegativeBinomialMixture(beta, beta * alpha, phi,
+                                                                 pi_logits), obs=y)
 
     def guide(
         self,

@@ -38,12 +38,13 @@ class PosteriorMixin:
         """Yield ``(positions, minibatch)``: rows of the minibatch go to ``out[positions]``.
 
         ``CiteData.minibatch`` sorts the cells it is given; ``positions`` undo that, so results
-        follow the order of ``indices``.
+        follow the order of ``indices``. Minibatches are on the model's device.
         """
         size = batch_size or _CHUNK
+        device = self.device
         for start in range(0, len(idx), size):
             chunk = idx[start : start + size]
-            yield start + np.argsort(chunk, kind="stable"), data.minibatch(chunk)
+            yield start + np.argsort(chunk, kind="stable"), data.minibatch(chunk, device)
 
     def _batch_codes(self, transform_batch) -> list[int | None]:
         """``transform_batch`` (None, a category or a list) as batch codes; None = own batch."""
@@ -64,7 +65,8 @@ class PosteriorMixin:
     def _one_hot(self, code: int | None, n: int) -> torch.Tensor | None:
         if code is None:
             return None
-        return torch.nn.functional.one_hot(torch.full((n,), code), self.module.n_batches).float()
+        return torch.nn.functional.one_hot(torch.full((n,), code, device=self.device),
+                                           self.module.n_batches).float()
 
     def _draws(self, mb: Minibatch, n_samples: int, code: int | None, sites: Sequence[str]):
         """``n_samples`` posterior draws of ``sites`` for one minibatch, yielded one at a time.
@@ -103,7 +105,7 @@ class PosteriorMixin:
                       disable=not progress_bar, desc=desc)
         with self.module.fast_calls():
             for pos, mb in chunks:
-                accs = [torch.zeros(lead + (len(pos), w)) for w in widths]
+                accs = [torch.zeros(lead + (len(pos), w), device=self.device) for w in widths]
                 for code in codes:
                     for k, d in enumerate(self._draws(mb, n_samples, code, sites)):
                         for acc, value in zip(accs, quantity(mb, d)):
@@ -112,7 +114,7 @@ class PosteriorMixin:
                             else:
                                 acc[k] += value
                 for out, acc in zip(outs, accs):
-                    out[..., pos, :] = (acc / n_avg).numpy()
+                    out[..., pos, :] = (acc / n_avg).cpu().numpy()
         return outs
 
     def _select(self, names: Sequence[str], wanted, what: str) -> np.ndarray:
@@ -148,7 +150,7 @@ class PosteriorMixin:
             # encode() masks unmeasured proteins and adds the covariates the encoder expects
             z_loc, z_scale, _, _ = self.module.encode(*mb.args())
             z = z_loc if give_mean else torch.distributions.Normal(z_loc, z_scale).sample()
-            out[pos] = z.numpy()
+            out[pos] = z.cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -161,11 +163,11 @@ class PosteriorMixin:
         out = np.zeros((len(idx), 1), dtype=np.float32)
         for pos, mb in self._chunks(data, idx, batch_size):
             if self.module.use_observed_lib_size:
-                out[pos] = mb.log_library.exp().numpy()
+                out[pos] = mb.log_library.exp().cpu().numpy()
                 continue
             _, _, loc, scale = self.module.encode(*mb.args())
             q = torch.distributions.LogNormal(loc, scale)
-            out[pos] = (q.mean if give_mean else q.sample()).numpy()
+            out[pos] = (q.mean if give_mean else q.sample()).cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -182,7 +184,7 @@ class PosteriorMixin:
                 for _ in range(n_samples):
                     guide = poutine.trace(self.module.guide).get_trace(*mb.args())
                     acc = acc + guide.nodes["beta"]["fn"].mean
-            out[pos] = (acc / n_samples).numpy()
+            out[pos] = (acc / n_samples).cpu().numpy()
         return out
 
     # -- denoised expression -------------------------------------------------------------------
@@ -233,7 +235,7 @@ class PosteriorMixin:
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
         sites = ["rho", "alpha", "pi", "beta"] + (["l"] if library_size == "latent" and
                                                   not self.module.use_observed_lib_size else [])
-        g_t, p_t = torch.from_numpy(g_sel), torch.from_numpy(p_sel)
+        g_t, p_t = torch.from_numpy(g_sel).to(self.device), torch.from_numpy(p_sel).to(self.device)
 
         def denoised(mb, d):
             if library_size == "latent":
@@ -273,7 +275,7 @@ class PosteriorMixin:
         r"""Posterior probability that each protein is foreground, :math:`E_q[1 - \pi_{nt}]`."""
         data, idx = self._prepare(adata, indices)
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
-        p_t = torch.from_numpy(p_sel)
+        p_t = torch.from_numpy(p_sel).to(self.device)
         (out,) = self._average_draws(
             data, idx, batch_size, self._batch_codes(transform_batch), n_samples, ["pi"],
             lambda mb, d: (1 - d["pi"][:, p_t],), (len(p_sel),), return_mean)
@@ -316,8 +318,8 @@ class PosteriorMixin:
                 args = list(mb.args())
                 args[0] = args[1] = None
                 rep = p(*args)
-                rna[pos] = rep["x"][..., g_sel].permute(1, 2, 0).numpy()
-                pro[pos] = rep["y"][..., p_sel].permute(1, 2, 0).numpy()
+                rna[pos] = rep["x"].cpu()[..., g_sel].permute(1, 2, 0).numpy()
+                pro[pos] = rep["y"].cpu()[..., p_sel].permute(1, 2, 0).numpy()
         if n_samples == 1:
             return rna[..., 0], pro[..., 0]
         return rna, pro
@@ -356,7 +358,7 @@ class PosteriorMixin:
                         if log_transform:
                             vals = torch.log1p(vals)
                         if correlation_type == "spearman":
-                            kept.append(vals.float().numpy())
+                            kept.append(vals.float().cpu().numpy())
                         else:
                             n, s1, s2 = n + len(vals), s1 + vals.sum(0), s2 + vals.T @ vals
         if correlation_type == "spearman":
@@ -368,7 +370,7 @@ class PosteriorMixin:
             mean = s1 / n
             cov = s2 / n - torch.outer(mean, mean)
             sd = cov.diagonal().clamp_min(1e-30).sqrt()
-            corr = (cov / torch.outer(sd, sd)).numpy()
+            corr = (cov / torch.outer(sd, sd)).cpu().numpy()
         return pd.DataFrame(corr, index=names, columns=names)
 
     # -- likelihood ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ __all__ = [
     "make_elbo",
     "CHECKPOINT_NAME",
     "load_checkpoint",
+    "resolve_device",
 ]
 
 #: File name of the checkpoint inside ``checkpoint_dir``; each checkpoint replaces the last.
@@ -50,6 +51,68 @@ class TrainingDivergedError(RuntimeError):
 def default_max_epochs(n_cells: int) -> int:
     """scvi-tools' heuristic: about 400 epochs for 20,000 cells, fewer for more cells."""
     return int(max(1, min(round(20000 / max(n_cells, 1) * 400), 400)))
+
+
+def resolve_device(accelerator: str = "auto", device: int | str | torch.device = "auto"
+                   ) -> torch.device:
+    """The torch device that ``accelerator`` and ``device`` name (scvi-tools' conventions).
+
+    Parameters
+    ----------
+    accelerator
+        ``"auto"`` (a CUDA GPU when torch sees one, else the CPU; under ``torchrun``, only when
+        the node has a GPU for each of its processes), ``"cpu"``, ``"gpu"``/``"cuda"`` or
+        ``"mps"`` (Apple silicon).
+    device
+        ``"auto"`` (the current CUDA device, which ``torchrun`` sets per process), a device index
+        such as ``1``, or a full name such as ``"cuda:1"`` (which then decides the accelerator).
+
+    Raises
+    ------
+    ValueError
+        For an unknown accelerator or a device that contradicts it.
+    RuntimeError
+        When the accelerator asked for is not available to this torch build.
+    """
+    if isinstance(device, str) and device != "auto" and not device.isdigit():
+        named = torch.device(device)  # "cpu", "cuda:1", "mps"
+        if accelerator not in ("auto", named.type) and not (
+                accelerator == "gpu" and named.type == "cuda"):
+            raise ValueError(f"device={device!r} does not match accelerator={accelerator!r}")
+        accelerator, device = named.type, "auto" if named.index is None else named.index
+    elif isinstance(device, torch.device):
+        return resolve_device(accelerator, str(device))
+    kind = str(accelerator).lower()
+    if kind not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu', 'cuda' or 'mps', got "
+                         f"{accelerator!r}")
+    if kind == "auto":
+        # Under torchrun, a GPU only when every process on this node can have its own.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        kind = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= per_node \
+            else "cpu"
+    if kind == "gpu":
+        kind = "cuda"
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise RuntimeError("accelerator='mps' but torch.backends.mps.is_available() is False")
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"accelerator={accelerator!r} needs a CUDA GPU, but torch {torch.__version__} sees "
+            "none (a CPU build of torch, or no driver); use accelerator='cpu'")
+    index = torch.cuda.current_device() if device == "auto" else int(device)
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: torch sees {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+    return torch.device("cuda", index)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device holding ``module``'s parameters (where its minibatches must go)."""
+    return next(module.parameters()).device
 
 
 def make_elbo(module: TotalVIModule):
@@ -112,6 +175,7 @@ def evaluate(module: TotalVIModule, data: CiteData, indices: np.ndarray, batch_s
     """
     was_training = module.training
     module.eval()
+    device = module_device(module)
     recon = kl = 0.0
     # v summed out: the same ELBO as enumeration, without the enumeration dimension. No Pyro
     # validation, as in training steps: it would reject the non-integer counts that
@@ -119,7 +183,7 @@ def evaluate(module: TotalVIModule, data: CiteData, indices: np.ndarray, batch_s
     try:
         with module.v_summed_out(), module.fast_calls():
             for start in range(0, len(indices), batch_size):
-                mb = data.minibatch(indices[start : start + batch_size])
+                mb = data.minibatch(indices[start : start + batch_size], device)
                 guide_tr = poutine.trace(module.guide).get_trace(*mb.args())
                 model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
                     *mb.args()
@@ -169,7 +233,9 @@ def _get_rng_states(rng: np.random.Generator) -> dict:
     name, keys, pos, has_gauss, cached = state["numpy"]
     state["numpy"] = (name, keys.tolist(), pos, has_gauss, cached)  # loadable with weights_only
     return {"numpy_generator": rng.bit_generator.state, "torch": torch.get_rng_state(),
-            "pyro": state}
+            "pyro": state,
+            # draws on a GPU come from its own generator
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
 def _set_rng_states(rng: np.random.Generator, states: dict) -> None:
@@ -178,6 +244,8 @@ def _set_rng_states(rng: np.random.Generator, states: dict) -> None:
     pyro_state["numpy"] = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
     pyro.util.set_rng_state(pyro_state)
     torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
     rng.bit_generator.state = states["numpy_generator"]
 
 
@@ -213,7 +281,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
             f"checkpoint_dir={str(checkpoint_dir)!r} (and resume=False) first."
         )
     try:
-        state = torch.load(path, weights_only=True)
+        # Tensors come back on the CPU; load_state_dict moves them to the module's device.
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_VERSION:
@@ -284,7 +353,10 @@ def train(
     resume: bool = False,
     strategy: str | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Train ``module`` on ``data`` by minibatch SVI.
+    """Train ``module`` on ``data`` by minibatch SVI, on the device that holds ``module``.
+
+    Minibatches are cut from ``data`` on the CPU and moved to that device step by step; move the
+    module first (``module.to("cuda")``, or ``TOTALVI.train(accelerator=...)``).
 
     Parameters
     ----------
@@ -450,6 +522,7 @@ def train(
     bar = tqdm(epochs, desc="Training", disable=not progress_bar or rank != 0, unit="epoch",
                initial=start_epoch, total=max(max_epochs, start_epoch))
     params = [p for p in module.parameters() if p.requires_grad]
+    device = module_device(module)
     block = 32 if getattr(data, "backed", False) else 1  # see _batches: contiguous disk reads
     for epoch in bar:
         if world > 1:
@@ -458,9 +531,10 @@ def train(
             torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
         module.train()
         losses = []
+        step_at_start = step
         with module.fast_calls():
-            for b, chunk in enumerate(_batches(train_idx, batch_size, rng, block, rank, world)):
-                mb: Minibatch = data.minibatch(chunk)
+            for chunk in _batches(train_idx, batch_size, rng, block, rank, world):
+                mb: Minibatch = data.minibatch(chunk, device)
                 # Pyro's poutine.scale needs a weight > 0: the first step uses the second's.
                 kl_weight = min(1.0, max(step, 1) / n_steps_kl_warmup) if n_steps_kl_warmup else 1.0
                 loss = elbo.differentiable_loss(
@@ -468,32 +542,36 @@ def train(
                     kl_weight=kl_weight,
                 ) / n_train
                 optimizer.zero_grad(set_to_none=True)
+                loss.backward()
                 if world > 1:
-                    # Backward first: every process joins the all-reduce, even with a NaN loss,
-                    # and they all see the same averaged loss and stop together if it is not
-                    # finite. The averaged gradient estimates the same per-cell ELBO gradient
-                    # (each process's plate scales by n_train / its cells), as DDP would.
-                    loss.backward()
+                    # Every process joins the all-reduce, even with a NaN loss, so they all see
+                    # the same averaged loss and stop together if it is not finite. The averaged
+                    # gradient estimates the same per-cell ELBO gradient (each process's plate
+                    # scales by n_train / its cells), as DDP would.
                     loss = ddp.all_reduce_gradients(params, loss)
-                if not torch.isfinite(loss):
-                    module.load_state_dict(last_good)
-                    raise TrainingDivergedError(
-                        f"loss became {loss.item()} at epoch {epoch}, step {b} (global step "
-                        f"{step}); the model keeps the parameters of the end of the last "
-                        "completed epoch. Try a lower lr, check the input for outliers, or use "
-                        "a larger batch_size."
-                    )
-                if world == 1:
-                    loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
+                # Kept on the device: reading each loss would make the CPU wait for a GPU at
+                # every step. Finiteness is checked once per epoch, below.
+                losses.append(loss.detach())
                 step += 1
+        losses = torch.stack(losses).cpu() if losses else torch.zeros(0)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            # Steps after the first bad one ran on broken parameters: roll the whole epoch back.
+            module.load_state_dict(last_good)
+            b = int(bad[0, 0])
+            raise TrainingDivergedError(
+                f"loss became {losses[b].item()} at epoch {epoch}, step {b} (global step "
+                f"{step_at_start + b}); the model keeps the parameters of the end of the last "
+                "completed epoch. Try a lower lr, check the input for outliers, or use a larger "
+                "batch_size."
+            )
         if world > 1:
             ddp.average_batchnorm_stats(module)  # eval mode must be the same on every process
         # Cheap enough once per epoch; a divergence within an epoch rolls back to here.
         last_good = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        row = {"epoch": epoch, "loss_train": float(np.mean(losses)) if losses else math.nan,
-               "kl_weight": kl_weight if losses else math.nan,
+        row = {"epoch": epoch, "loss_train": losses.mean().item() if len(losses) else math.nan,
+               "kl_weight": kl_weight if len(losses) else math.nan,
                "lr": optimizer.param_groups[0]["lr"]}
         for name, idx in (("train", train_probe), ("validation", val_idx)):
             if len(idx) and world > 1:

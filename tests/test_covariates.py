@@ -75,12 +75,12 @@ def test_train_and_query_with_covariates(tmp_path):
     assert saved["categorical_covariate_categories"]["donor"] == ["d2", "d1", "d3"]
     fresh = _adata()  # not registered
     loaded = TOTALVI.load(tmp_path / "model", fresh)
-    mb = m.data.minibatch(np.arange(50))
-    mb2 = loaded.data.minibatch(np.arange(50))
-    np.testing.assert_allclose(mb.covariates.numpy(), mb2.covariates.numpy())
+    mb = m.data.minibatch(np.arange(50), m.device)  # the device the model trained on
+    mb2 = loaded.data.minibatch(np.arange(50), loaded.device)
+    np.testing.assert_allclose(mb.covariates.cpu().numpy(), mb2.covariates.cpu().numpy())
     with torch.no_grad():
-        np.testing.assert_allclose(m.module.encode(*mb.args())[0].numpy(),
-                                   loaded.module.encode(*mb2.args())[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(m.module.encode(*mb.args())[0].cpu().numpy(),
+                                   loaded.module.encode(*mb2.args())[0].cpu().numpy(), atol=1e-5)
 
 
 def test_latent_representation_with_covariates():

@@ -114,7 +114,7 @@ def test_masked_counts_do_not_change_the_elbo(mixture):
     b1 = (a.obs["batch"] == "batch_1").to_numpy()
 
     def loss(adata):
-        mb = m._data(adata).minibatch(np.arange(adata.n_obs))
+        mb = m._data(adata).minibatch(np.arange(adata.n_obs), m.device)
         pyro.set_rng_seed(0)
         return elbo.loss(m.module.model, m.module.guide, *mb.args())
 
