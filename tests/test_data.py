@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 from pyro_totalvi import TOTALVI, TotalVIDataError, simulate
+from pyro_totalvi.data import CiteData
 
 
 @pytest.fixture
@@ -32,6 +33,34 @@ def test_bad_counts_name_cell_and_feature(raw, value, kind, where):
     with pytest.raises(TotalVIDataError, match=kind) as err:
         _setup(raw)
     assert raw.obs_names[3] in str(err.value) and feature in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["csc", "csr_int64_indptr"])
+def test_bad_counts_found_in_any_sparse_layout(raw, fmt):
+    X = raw.X.toarray()
+    X[5, 11] = -2
+    m = sp.csr_matrix(X)
+    if fmt == "csr_int64_indptr":  # as some writers store it: scipy's tocoo() rejects this mix
+        m.indptr = m.indptr.astype(np.int64)
+        m.indices = m.indices.astype(np.int32)
+    else:
+        m = m.asformat(fmt)
+    raw.X = m
+    with pytest.raises(TotalVIDataError, match="negative") as err:
+        _setup(raw)
+    assert raw.obs_names[5] in str(err.value) and raw.var_names[11] in str(err.value)
+
+
+def test_mixed_index_dtypes_are_unified_without_touching_adata(raw):
+    m = sp.csr_matrix(raw.X)
+    m.indptr = m.indptr.astype(np.int64)  # int32 indices with int64 indptr, as some writers do
+    raw.X = m
+    _setup(raw)
+    data = CiteData(raw)
+    assert data.X.indices.dtype == data.X.indptr.dtype
+    assert raw.X.indptr.dtype == np.int64  # the user's matrix is left as it was
+    idx = np.array([2, 9, 40])
+    np.testing.assert_array_equal(data.minibatch(idx).x.numpy(), raw.X[idx].toarray())
 
 
 def test_non_integer_counts_warn_or_error(raw):
