@@ -207,12 +207,15 @@ def evaluate(module: TotalVIModule, data: CiteData, indices: np.ndarray, batch_s
 def _data_fingerprint(data: CiteData) -> dict:
     """Shape and a content hash of the training data, cheap and independent of X's storage.
 
-    Hashes per-cell library sizes, per-gene totals, protein counts, batch codes and names, so
-    different cells, a different order, other counts or other genes are all detected.
+    Hashes per-cell library sizes, per-gene totals, protein counts, batch codes and names, the
+    network covariates and the protein mask, so different cells, a different order, other
+    counts, other genes, covariates or missing-protein settings are all detected.
     """
     h = hashlib.blake2b(digest_size=16)
     gene_totals = np.asarray(data.X.sum(axis=0), dtype=np.float64).ravel()
-    for a in (data.log_library, gene_totals, data.Y, data.batch):
+    mask = data.protein_measured if data.cell_protein_mask is None else data.cell_protein_mask
+    covariates = np.zeros((data.n_obs, 0)) if data.covariates is None else data.covariates
+    for a in (data.log_library, gene_totals, data.Y, data.batch, covariates, mask):
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes() if a.size else b"")

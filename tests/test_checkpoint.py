@@ -124,6 +124,13 @@ def test_resume_refuses_missing_or_mismatched_checkpoint(adata, tmp_path):
     TOTALVI.setup_anndata(other, batch_key="batch")
     with pytest.raises(TotalVIDataError, match="other data of the same shape"):
         resume(other)
+    masked = adata.copy()  # same counts, but a protein declared missing in one batch
+    proteins = masked.obsm["protein_expression"].columns
+    measured = pd.DataFrame(True, index=["batch_0", "batch_1"], columns=proteins)
+    measured.iloc[1, 0] = False
+    TOTALVI.setup_anndata(masked, batch_key="batch", protein_mask=measured)
+    with pytest.raises(TotalVIDataError, match="other data of the same shape"):
+        resume(masked)
     with pytest.raises(ValueError, match="lr=0.004 there, 0.001 here"):
         resume(adata, lr=1e-3)
     with pytest.raises(ValueError, match="seed=3 there, 4 here"):
