@@ -67,7 +67,9 @@ class TOTALVI(PosteriorMixin, DEMixin):
     **network_kwargs
         ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``,
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
-        the covariates, as in scvi-tools).
+        the covariates, as in scvi-tools), ``protein_warmup`` (default ``True``: the KL warm-up
+        weight also multiplies the protein likelihood, as in scvi-tools 1.4) and
+        ``background_preference``; see :class:`~pyro_totalvi.TotalVIModule`.
 
     Examples
     --------

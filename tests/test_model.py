@@ -68,6 +68,24 @@ def test_enumerate_equals_marginal(adata, observed, masked):
     assert abs(other - enumerated) / abs(enumerated) > 1e-4
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_protein_warmup_scales_the_protein_likelihood_only(adata, warmup):
+    data, mb = _batch(adata)
+    m = _module(data, protein_warmup=warmup)
+    kw = dict(idx=mb.idx, n_obs=600, kl_weight=0.3)
+    guide_tr = poutine.trace(m.guide).get_trace(*mb.args(), **kw)
+    model_tr = poutine.trace(poutine.replay(m.model, trace=guide_tr)).get_trace(*mb.args(), **kw)
+    plate = 600 / 64  # the cell plate's subsampling scale
+    scale = {k: float(model_tr.nodes[k]["scale"]) for k in ("x", "y", "z", "beta")}
+    assert scale["x"] == pytest.approx(plate)  # RNA always at full weight
+    assert scale["z"] == pytest.approx(0.3 * plate) and scale["beta"] == pytest.approx(0.3 * plate)
+    assert scale["y"] == pytest.approx((0.3 if warmup else 1.0) * plate)
+    # with kl_weight=1 (every reported ELBO) the setting makes no difference
+    full = poutine.trace(poutine.replay(m.model, trace=guide_tr)).get_trace(*mb.args(), idx=mb.idx,
+                                                                          n_obs=600)
+    assert float(full.nodes["y"]["scale"]) == pytest.approx(plate)
+
+
 def test_masked_proteins_do_not_reach_the_likelihood(adata):
     data, mb = _batch(adata)
     m = _module(data)
