@@ -554,9 +554,12 @@ def train(
                     loss = ddp.all_reduce_gradients(params, loss)
                 optimizer.step()
                 # Kept on the device: reading each loss would make the CPU wait for a GPU at
-                # every step. Finiteness is checked once per epoch, below.
+                # every step. Finiteness is checked every 64 steps (a long epoch stops soon after
+                # a divergence) and at the end of the epoch, below.
                 losses.append(loss.detach())
                 step += 1
+                if len(losses) % 64 == 0 and not torch.isfinite(torch.stack(losses[-64:])).all():
+                    break
         losses = torch.stack(losses).cpu() if losses else torch.zeros(0)
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):

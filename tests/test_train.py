@@ -52,6 +52,7 @@ def test_all_variants_train(adata, mixture, observed):
     assert m.get_elbo() == pytest.approx(m.get_elbo(), rel=0.05)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_divergence_stops_and_keeps_last_good_parameters(adata):
     m = TOTALVI(adata, n_latent=5, n_hidden=32)
     m.train(max_epochs=1, seed=0, progress_bar=False)
@@ -66,6 +67,22 @@ def test_divergence_stops_and_keeps_last_good_parameters(adata):
     handle.remove()
     for k, v in m.module.state_dict().items():
         torch.testing.assert_close(v, good[k])
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_divergence_stops_a_long_epoch_early(adata):
+    m = TOTALVI(adata, n_latent=5, n_hidden=32)
+    steps = []
+
+    def poison(grad):
+        steps.append(1)
+        return torch.full_like(grad, float("nan"))
+
+    m.module.log_theta.register_hook(poison)
+    # batch_size 4: 135 steps per epoch; the check every 64 steps stops it at the 64th
+    with pytest.raises(TrainingDivergedError, match="epoch 0, step 1 "):
+        m.train(max_epochs=1, batch_size=4, seed=0, progress_bar=False)
+    assert len(steps) == 64
 
 
 def test_save_load_reproduces_latent(trained, tmp_path):
