@@ -101,7 +101,11 @@ class PosteriorMixin:
         lead = () if return_mean else (n_samples,)
         outs = [np.zeros(lead + (len(idx), w), dtype=np.float32) for w in widths]
         n_avg = len(codes) * (n_samples if return_mean else 1)
-        chunks = tqdm(self._chunks(data, idx, batch_size), total=-(-len(idx) // (batch_size or _CHUNK)),
+        # Few enough cells per chunk that all draws fit one vectorised Predictive call: each
+        # call has a fixed cost (Predictive first runs the model once to find the plates), and
+        # n_samples=25 ran 29 % faster with 163 cells per chunk than with 512.
+        size = batch_size or int(np.clip(_ROWS // max(n_samples, 1), 64, _CHUNK))
+        chunks = tqdm(self._chunks(data, idx, size), total=-(-len(idx) // size),
                       disable=not progress_bar, desc=desc)
         with self.module.fast_calls():
             for pos, mb in chunks:
