@@ -444,32 +444,15 @@ class OursSide:
     def neg_elbo_terms(self, indices, adata=None):
         """Per-cell means of the same terms as scvi's (v summed out, analytic KL, one draw)."""
         import numpy as np
-        import torch
-        from pyro import poutine
-        from torch.distributions import kl_divergence
 
-        from pyro_totalvi.train import site_log_prob
+        from pyro_totalvi.train import elbo_terms
 
-        module, data = self.model.module.eval(), self.model._data(adata)
-        if indices is None:
-            indices = np.arange(data.n_obs)
-        sums = dict.fromkeys(("reconst_loss_gene", "reconst_loss_protein", "kl_div_z",
-                              "kl_div_l_gene", "kl_div_back_pro"), 0.0)
+        data = self.model._data(adata)
+        terms = elbo_terms(self.model.module, data,
+                           np.arange(data.n_obs) if indices is None else indices)
         names = {"x": "reconst_loss_gene", "y": "reconst_loss_protein", "z": "kl_div_z",
                  "l": "kl_div_l_gene", "beta": "kl_div_back_pro"}
-        with torch.no_grad(), module.v_summed_out(), module.fast_calls():
-            for start in range(0, len(indices), BATCH_SIZE):
-                mb = data.minibatch(indices[start:start + BATCH_SIZE], self.model.device)
-                g = poutine.trace(module.guide).get_trace(*mb.args())
-                m = poutine.trace(poutine.replay(module.model, trace=g)).get_trace(*mb.args())
-                for site in ("x", "y"):
-                    sums[names[site]] -= float(site_log_prob(m.nodes[site]).sum())
-                for site in ("z", "l", "beta"):
-                    if site in g.nodes:
-                        k = kl_divergence(g.nodes[site]["fn"], m.nodes[site]["fn"])
-                        mask = m.nodes[site]["mask"]
-                        sums[names[site]] += float((k if mask is None else k * mask).sum())
-        means = {k: v / len(indices) for k, v in sums.items()}
+        means = {names[k]: v for k, v in terms.items()}
         means["neg_elbo_pure"] = sum(means.values())  # no penalty terms on this side
         return means
 

@@ -31,6 +31,7 @@ from .model import TotalVIModule
 __all__ = [
     "train",
     "evaluate",
+    "elbo_terms",
     "TrainingDivergedError",
     "default_max_epochs",
     "make_elbo",
@@ -163,20 +164,19 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | No
 
 
 @torch.no_grad()
-def evaluate(module: TotalVIModule, data: CiteData, indices: np.ndarray, batch_size: int = 1024):
-    """Mean per-cell ELBO terms on ``indices``, full KL weight, networks in eval mode.
+def elbo_terms(module: TotalVIModule, data: CiteData, indices: np.ndarray,
+               batch_size: int = 1024) -> dict[str, float]:
+    """Per-cell means of each term of the negative ELBO on ``indices``, networks in eval mode.
 
-    The reconstruction term is a one-sample Monte Carlo estimate under q (with ``v`` summed out);
-    the KL terms are analytic, as in scvi-tools, so the two ELBOs compare directly.
-
-    Returns
-    -------
-    dict with ``elbo`` (negative ELBO per cell), ``reconstruction_loss`` and ``kl_local``.
+    ``"x"`` and ``"y"``: ``-log p`` of the RNA and protein counts, a one-sample Monte Carlo
+    estimate under q (with ``v`` summed out). ``"z"``, ``"l"``, ``"beta"``: analytic KL of q from
+    the prior at full weight (0 for ``"l"`` with an observed library), as in scvi-tools, so the
+    terms compare directly with its loss terms.
     """
     was_training = module.training
     module.eval()
     device = module_device(module)
-    recon = kl = 0.0
+    sums = dict.fromkeys(("x", "y", "z", "l", "beta"), 0.0)
     # v summed out: the same ELBO as enumeration, without the enumeration dimension. No Pyro
     # validation, as in training steps: it would reject the non-integer counts that
     # setup_anndata accepts with a warning (the NB log density is defined for them).
@@ -188,18 +188,32 @@ def evaluate(module: TotalVIModule, data: CiteData, indices: np.ndarray, batch_s
                 model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
                     *mb.args()
                 )
-                recon -= sum(site_log_prob(model_tr.nodes[n]).sum().item() for n in ("x", "y"))
+                for name in ("x", "y"):
+                    sums[name] -= site_log_prob(model_tr.nodes[name]).sum().item()
                 for name in ("z", "l", "beta"):
                     if name not in guide_tr.nodes:
                         continue
                     q, p = guide_tr.nodes[name]["fn"], model_tr.nodes[name]["fn"]
                     k = kl_divergence(q, p)
                     mask = model_tr.nodes[name]["mask"]
-                    kl += (k if mask is None else k * mask).sum().item()
+                    sums[name] += (k if mask is None else k * mask).sum().item()
     finally:
         module.train(was_training)
     n = max(len(indices), 1)
-    return {"elbo": (recon + kl) / n, "reconstruction_loss": recon / n, "kl_local": kl / n}
+    return {name: total / n for name, total in sums.items()}
+
+
+def evaluate(module: TotalVIModule, data: CiteData, indices: np.ndarray, batch_size: int = 1024):
+    """Mean per-cell ELBO on ``indices``, full KL weight: :func:`elbo_terms` summed up.
+
+    Returns
+    -------
+    dict with ``elbo`` (negative ELBO per cell), ``reconstruction_loss`` and ``kl_local``.
+    """
+    terms = elbo_terms(module, data, indices, batch_size)
+    recon = terms["x"] + terms["y"]
+    kl = terms["z"] + terms["l"] + terms["beta"]
+    return {"elbo": recon + kl, "reconstruction_loss": recon, "kl_local": kl}
 
 
 # ----------------------------------------------------------------------------------------------
