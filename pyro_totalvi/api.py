@@ -284,7 +284,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
         """
         if strategy == "ddp":
             distributed.init_distributed()  # first: it picks this process's GPU (LOCAL_RANK)
-        self.to_device(resolve_device(accelerator, device))
+        self.module.to(resolve_device(accelerator, device))
         torch.manual_seed(seed)
         history, split = train(self.module, self.data, max_epochs=max_epochs, lr=lr,
                                batch_size=batch_size, train_size=train_size,
@@ -304,9 +304,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
 
     def to_device(self, device: int | str | torch.device) -> TOTALVI:
         """Move the model to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, an index, ...)."""
-        if isinstance(device, int):
-            device = torch.device("cuda", device)
-        self.module.to(resolve_device("auto", device))
+        self.module.to(resolve_device("gpu" if isinstance(device, int) else "auto", device))
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -413,7 +411,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
         model.init_params = settings["init_params"]
         model.module.load_state_dict(torch.load(path / "params.pt", weights_only=True,
                                                 map_location="cpu"))
-        model.to_device(resolve_device(accelerator, device))
+        model.module.to(resolve_device(accelerator, device))
         model.module.eval()
         model.is_trained = settings["is_trained"]
         if (path / "history.csv").exists():

@@ -170,26 +170,26 @@ def _as_bool(values, what: str) -> np.ndarray:
                            f"{values.dtype}")
 
 
+def _same_labels(given: list[str], expected: list[str], what: str) -> None:
+    """Raise unless ``given`` holds exactly the labels ``expected`` (in any order)."""
+    unknown = sorted(set(given) - set(expected))
+    absent = [e for e in expected if e not in given]
+    if unknown or absent:
+        raise TotalVIDataError(f"{what}: unknown {unknown[:5]}, missing {absent[:5]}")
+
+
 def _batch_protein_mask(mask, categories: list[str], protein_names: list[str]) -> np.ndarray:
     """A user's batches x proteins mask as a bool array in registry order (batches, proteins)."""
     K, T = len(categories), len(protein_names)
     if isinstance(mask, pd.DataFrame):
         cols = [str(c) for c in mask.columns]
-        unknown = sorted(set(cols) - set(protein_names))
-        absent = [p for p in protein_names if p not in cols]
-        if unknown or absent:
-            raise TotalVIDataError(
-                f"protein_mask columns must be the proteins of "
-                f"adata.obsm[...]: unknown {unknown[:5]}, missing {absent[:5]}")
+        _same_labels(cols, protein_names, "protein_mask columns must be the proteins of "
+                                          "adata.obsm[...]")
         rows = [str(r) for r in mask.index]
         if K == 1 and len(rows) == 1:
             rows = categories
-        unknown = sorted(set(rows) - set(categories))
-        absent = [c for c in categories if c not in rows]
-        if unknown or absent:
-            raise TotalVIDataError(
-                f"protein_mask rows must be the batch categories {categories}: unknown "
-                f"{unknown[:5]}, missing {absent[:5]}")
+        _same_labels(rows, categories, f"protein_mask rows must be the batch categories "
+                                       f"{categories}")
         frame = mask.copy()
         frame.index, frame.columns = rows, cols
         values = frame.loc[categories, protein_names].to_numpy()

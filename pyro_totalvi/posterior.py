@@ -322,8 +322,9 @@ class PosteriorMixin:
                 args = list(mb.args())
                 args[0] = args[1] = None
                 rep = p(*args)
-                rna[pos] = rep["x"].cpu()[..., g_sel].permute(1, 2, 0).numpy()
-                pro[pos] = rep["y"].cpu()[..., p_sel].permute(1, 2, 0).numpy()
+                # select the features on the device: only they are copied back
+                rna[pos] = rep["x"][..., g_sel].permute(1, 2, 0).cpu().numpy()
+                pro[pos] = rep["y"][..., p_sel].permute(1, 2, 0).cpu().numpy()
         if n_samples == 1:
             return rna[..., 0], pro[..., 0]
         return rna, pro
