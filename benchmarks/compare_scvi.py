@@ -50,89 +50,20 @@ N_LATENT = 20
 
 
 # --------------------------------------------------------------------------------------------
-# pyro_totalvi import (the package is being written; fail with a clear message)
+# pyro_totalvi import
 # --------------------------------------------------------------------------------------------
 def import_pyro_totalvi():
-    """Return the pyro_totalvi module, or raise ImportError with an explanation."""
-    try:
-        import pyro_totalvi  # noqa: F401
-    except ImportError:
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        try:
-            import pyro_totalvi  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                f"pyro_totalvi is not importable ({e}). Run `bash benchmarks/setup_env.sh` after "
-                "the package exists, or run with `--sides scvi`."
-            ) from e
+    """The pyro_totalvi package (installed, or from the repository root)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
     import pyro_totalvi
 
-    missing = [n for n in ("TOTALVI",) if not hasattr(pyro_totalvi, n)]
-    if missing:
-        raise ImportError(f"pyro_totalvi does not export {missing} yet; run with `--sides scvi`.")
     return pyro_totalvi
 
 
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-def simulate_fallback(n_cells, n_genes=2000, n_proteins=30, n_batches=2, n_types=6, seed=0):
-    """Small numpy NB simulator (stand-in while pyro_totalvi.simulate does not exist).
-
-    RNA: NB(gamma-Poisson) counts with cell-type and batch log-fold changes, lognormal library.
-    Protein: per-protein/batch background plus a cell-type specific foreground (TOTALVI-like
-    mixture), NB noise.  Returns AnnData with CSR X, obsm["protein_expression"] (DataFrame),
-    obs["batch"] and obs["cell_type"] (categorical).
-    """
-    import anndata
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
-
-    rng = np.random.default_rng(seed)
-    types = rng.integers(n_types, size=n_cells)
-    batch = rng.integers(n_batches, size=n_cells)
-    base = rng.gamma(0.5, 1.0, size=n_genes) + 1e-3
-    type_lfc = rng.normal(0.0, 1.5, size=(n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.1)
-    batch_lfc = rng.normal(0.0, 0.3, size=(n_batches, n_genes))
-    theta_g = rng.gamma(2.0, 1.0, size=n_genes) + 0.5
-    lib = rng.lognormal(np.log(2500.0), 0.4, size=n_cells)
-
-    bg = rng.lognormal(np.log(15.0), 0.6, size=n_proteins)
-    bg_batch = rng.lognormal(0.0, 0.2, size=(n_batches, n_proteins))
-    expressed = rng.random((n_types, n_proteins)) < 0.4
-    fold = rng.lognormal(np.log(15.0), 0.8, size=(n_types, n_proteins))
-    theta_p = 5.0
-
-    blocks, prot = [], np.empty((n_cells, n_proteins), dtype=np.float32)
-    chunk = 5000
-    for s in range(0, n_cells, chunk):
-        e = min(n_cells, s + chunk)
-        t, b = types[s:e], batch[s:e]
-        rho = base[None, :] * np.exp(type_lfc[t] + batch_lfc[b])
-        rho /= rho.sum(1, keepdims=True)
-        mu = rho * lib[s:e, None]
-        lam = rng.gamma(theta_g[None, :], mu / theta_g[None, :])
-        blocks.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
-        mu_p = bg[None, :] * bg_batch[b] * (1.0 + expressed[t] * fold[t])
-        prot[s:e] = rng.poisson(rng.gamma(theta_p, mu_p / theta_p))
-    X = sp.vstack(blocks).tocsr()
-    obs = pd.DataFrame(
-        {
-            "batch": pd.Categorical([f"batch{i}" for i in batch]),
-            "cell_type": pd.Categorical([f"type{i}" for i in types]),
-        },
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
-    adata = anndata.AnnData(X=X, obs=obs, var=var)
-    adata.obsm["protein_expression"] = pd.DataFrame(
-        prot, index=obs.index, columns=[f"prot{i}" for i in range(n_proteins)]
-    )
-    return adata
-
-
 def prepare_data(args):
     """Build the benchmark AnnData (same object for both sides). Returns (adata, info)."""
     import anndata
@@ -161,23 +92,10 @@ def prepare_data(args):
     else:
         n_cells = 1000 if args.small else SIM_SIZES[args.data]
         n_cells += int(round(n_cells * args.heldout_frac))  # split off in run_prepare
-        sim = None
-        try:
-            sim = getattr(import_pyro_totalvi(), "simulate", None)
-        except ImportError:
-            pass
-        if sim is None:
-            try:  # simulate may live in a submodule before being exported
-                from pyro_totalvi.simulate import simulate as sim  # type: ignore
-            except Exception:
-                sim = None
-        kw = dict(n_genes=args.n_genes, n_proteins=30, n_batches=2, seed=args.seed)
-        if sim is not None:
-            adata = sim(n_cells, **kw)
-            info["generator"] = "pyro_totalvi.simulate"
-        else:
-            adata = simulate_fallback(n_cells, **kw)
-            info["generator"] = "benchmarks fallback NB simulator (pyro_totalvi.simulate missing)"
+        # simulated with the package's own generator (the scvi side only needs it installed)
+        adata = import_pyro_totalvi().simulate(
+            n_cells, n_genes=args.n_genes, n_proteins=30, n_batches=2, seed=args.seed)
+        info["generator"] = "pyro_totalvi.simulate"
         adata.obs["batch"] = adata.obs["batch"].astype(str).astype("category")
 
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
@@ -445,7 +363,7 @@ class OursSide:
         """Per-cell means of the same terms as scvi's (v summed out, analytic KL, one draw)."""
         import numpy as np
 
-        from pyro_totalvi.train import elbo_terms
+        from pyro_totalvi.scoring import elbo_terms
 
         data = self.model._data(adata)
         terms = elbo_terms(self.model.module, data,
@@ -594,11 +512,6 @@ def run_prepare(args):
     info.update(n_cells=int(adata.n_obs), n_heldout_cells=int(n_held))
     adata.write_h5ad(args._h5ad)
     info["build_s"] = time.perf_counter() - t0
-    try:
-        import_pyro_totalvi()
-        info["ours_import_error"] = None
-    except ImportError as e:
-        info["ours_import_error"] = str(e)
     Path(args._meta).write_text(json.dumps(info))
 
 
@@ -690,9 +603,6 @@ def run_parent(args):
             return 1
         for k in ("process_wall_s", "ru_maxrss_mb", "process_peak_rss_mb"):
             info.pop(k, None)
-        if "ours" in sides and info.get("ours_import_error"):
-            print(f"error: {info['ours_import_error']}", file=sys.stderr)
-            return 1
         print(
             f"data {info['data']}: {info['n_cells']} cells x {info['n_genes']} genes, "
             f"{info['n_proteins']} proteins, {info['n_batches']} batches "

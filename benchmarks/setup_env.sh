@@ -22,16 +22,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 #    resolving its dependencies (lightning, jax, flax, numpyro, ...).
 "${PIP[@]}" "scvi-tools==1.4.2" "torch==2.13.0"
 
-# 3. pyro_totalvi runtime deps, listed explicitly so this works even before the package has
-#    its own dependency metadata, then the package itself (editable, no deps) if present.
-"${PIP[@]}" "pyro-ppl>=1.9" anndata scikit-learn tqdm matplotlib psutil "torch==2.13.0"
-if [ -f "$ROOT/pyproject.toml" ] || [ -f "$ROOT/setup.py" ] || [ -f "$ROOT/setup.cfg" ]; then
-    "${PIP[@]}" --no-deps -e "$ROOT" || echo "WARNING: editable install of pyro_totalvi failed;" \
-        "compare_scvi.py will fall back to putting the repo root on sys.path" >&2
-else
-    echo "NOTE: no pyproject.toml/setup.py/setup.cfg in $ROOT yet; skipping editable install" \
-         "(compare_scvi.py puts the repo root on sys.path instead)" >&2
-fi
+# 3. pyro_totalvi (editable) with its own requirements, torch still pinned.
+"${PIP[@]}" -e "$ROOT" psutil "torch==2.13.0"
 
 "$VENV/bin/python" - <<'PY'
 import torch, scvi, pyro

@@ -44,7 +44,8 @@ def _plot_history(history, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``train`` and its options."""
     parser = argparse.ArgumentParser(prog="python -m pyro_totalvi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train totalVI and write results")
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="data-parallel over the processes started by torchrun "
                          "(torchrun --nproc-per-node N -m pyro_totalvi train ... --distributed); "
                          "only rank 0 prints and writes --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     import anndata as ad

@@ -31,7 +31,9 @@ from .data import (
 from .de import DEMixin
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
-from .train import atomic_write, module_device, resolve_device, train
+from .checkpoint import atomic_write
+from .device import module_device, resolve_device
+from .train import train
 
 __all__ = ["TOTALVI"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
@@ -602,17 +602,27 @@ class Minibatch:
     protein_mask: torch.Tensor | None
     idx: torch.Tensor
     covariates: torch.Tensor | None = None
+    #: Further per-cell tensors that a model extension registers (e.g. ``labels``), passed to
+    #: its ``model`` and ``guide`` as keyword arguments: ``model(*mb.args(), **mb.kwargs())``.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def args(self):
         return (self.x, self.y, self.s, self.log_library, self.covariates, self.protein_mask)
+
+    def kwargs(self) -> dict[str, torch.Tensor]:
+        return dict(self.extras)
 
     def to(self, device: torch.device | str | None) -> Minibatch:
         """The same minibatch on ``device`` (itself when it is there already)."""
         if device is None or self.x.device == torch.device(device):
             return self
-        return Minibatch(**{f.name: None if getattr(self, f.name) is None
-                            else getattr(self, f.name).to(device, non_blocking=True)
-                            for f in fields(self)})
+
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Minibatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)
+                            if f.name != "extras"},
+                         extras={k: move(v) for k, v in self.extras.items()})
 
 
 class CiteData:

@@ -1,8 +1,32 @@
-"""totalVI as a Pyro model and guide: Eqs. (1)-(14) of the totalVI user guide, one line each.
+r"""totalVI as a Pyro model and guide: Eqs. (1)-(14) of the totalVI user guide, one block each.
 
 Shapes: ``B`` cells in the minibatch, ``G`` genes, ``T`` proteins, ``K`` batches, ``d`` latent
 dimensions. The cell plate is ``dim=-2`` so that genes and proteins can be plates (``dim=-1``)
 nested inside it; the per-cell vector ``z`` therefore carries a singleton dimension, ``(B, 1, d)``.
+
+:meth:`TotalVIModule.model` reads top to bottom like the generative process and names every
+sample site; what each site *is* comes from a short method, a **block**, that returns a
+distribution or tensors. To change one part of the model, override one block in a subclass (and
+hand the class to ``TOTALVI(adata, module_class=...)``); no copy of ``model`` is needed.
+
+==========================  ==========  ============================================  ==============
+block                       eq.         returns                                       shape
+==========================  ==========  ============================================  ==============
+``latent_prior(s)``         (1)         p(z_n) = Normal(0, I)                         ``(B, 1 | d)``
+``decode(z, cov)``          (2)-(4),    ``rho`` (simplex), ``alpha >= 1``,            ``(B, G)``,
+                            (6)-(8)     ``pi_logits`` (logit of P(background))        ``(B, T)`` x 2
+``library_prior(s)``        (5)         LogNormal(l_mu^T s, l_sigma2^T s)             ``(B, 1)``
+``rna_likelihood(l, rho)``  (10)        NB(l rho, theta)                              ``(B, G)``
+``background_prior(s)``     (11)        LogNormal(c^T s, d^T s)                       ``(B, T)``
+``protein_likelihood(...)`` (12)-(14)   NB(v beta + (1-v) beta alpha, phi); ``v=None``:  ``(B, T)``
+                                        the mixture with v summed out
+==========================  ==========  ============================================  ==============
+
+Guide blocks: ``latent_posterior(...)`` gives q(z | x, y, s) (and q(l | x, y, s) for a latent
+library, from :meth:`TotalVIModule.encode`), ``background_posterior(z, cov)`` gives
+q(beta | z, s). Non-model terms (penalties that shape training but are not part of p) are added
+with :func:`penalty`; the one trace scorer (:mod:`pyro_totalvi.scoring`) leaves them out of every
+reported likelihood.
 """
 
 from __future__ import annotations
@@ -20,36 +44,21 @@ from torch import nn
 from .distributions import NegativeBinomial, NegativeBinomialMixture
 from .nn import BackgroundEncoder, Decoder, Encoder
 
-__all__ = ["TotalVIModule"]
+__all__ = ["TotalVIModule", "penalty", "PENALTY"]
+
+#: ``infer`` key that marks a site as a non-model factor (see :func:`penalty`).
+PENALTY = "penalty"
 
 
-class _CovariateEncoder(Encoder):
-    """:class:`~pyro_totalvi.nn.Encoder` that knows which covariates it was built for.
+def penalty(name: str, log_factor: torch.Tensor) -> None:
+    """Add ``log_factor`` to the training objective as a *non-model* term.
 
-    With ``encode_covariates=False`` it was built without covariate inputs and ignores ``cov``;
-    otherwise ``cov`` must be the one-hot batch followed by the extra covariates. Same parameters
-    (and ``state_dict`` keys) as ``Encoder``.
+    Like ``pyro.factor``, but the site carries ``infer={"penalty": True}``: SVI optimises it,
+    while :func:`pyro_totalvi.scoring.trace_terms` (and so every reported ELBO, reconstruction
+    error and marginal likelihood) leaves it out.
     """
-
-    def __init__(self, *args, n_cov_expected: int, encode_covariates: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.n_cov_expected = n_cov_expected
-        self.encode_covariates = encode_covariates
-
-    def forward(self, x, y, cov):
-        if not self.encode_covariates:
-            cov = None
-        elif cov is None or cov.shape[-1] != self.n_cov_expected:
-            raise ValueError(
-                f"the encoder expects the one-hot batch and covariates ({self.n_cov_expected} "
-                f"columns), got {None if cov is None else cov.shape[-1]}; call "
-                "module.encode(x, y, s, covariates, protein_mask)")
-        return super().forward(x, y, cov)
-
-
-def _measured(protein_mask: torch.Tensor | None) -> torch.Tensor | bool:
-    # poutine.mask needs a bool or a tensor; True means "every protein measured".
-    return True if protein_mask is None else protein_mask
+    unit = dist.Unit(log_factor)
+    pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True, PENALTY: True})
 
 
 class TotalVIModule(nn.Module):
@@ -87,11 +96,8 @@ class TotalVIModule(nn.Module):
         as well, as scvi-tools 1.4 does: early epochs then shape z and the decoders by the RNA
         first. At the end of warm-up (and in every reported ELBO) the weight is 1 either way.
     background_preference
-        Weight ``w`` of a factor ``w log pi`` per cell and protein. Not part of Eqs. (1)-(14):
-        where counts cannot tell background from foreground (a protein with almost no counts,
-        such as an isotype control) the likelihood is flat in ``pi``, and this tips it to
-        background; it is negligible wherever the data speak. scvi-tools 1.4 adds the same
-        term. It is left out of reported ELBOs; 0 removes it.
+        Weight ``w`` of a non-model factor ``w log pi`` per cell and protein (see
+        :meth:`background_penalty`); 0 removes it. Left out of every reported likelihood.
     """
 
     def __init__(
@@ -128,10 +134,9 @@ class TotalVIModule(nn.Module):
         self.protein_warmup = protein_warmup
         n_cov = n_batches + n_covariates
 
-        self.encoder = _CovariateEncoder(
-            n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0, n_hidden,
-            n_layers_encoder, dropout_rate_encoder, latent_library=not use_observed_lib_size,
-            n_cov_expected=n_cov, encode_covariates=encode_covariates)
+        self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0,
+                               n_hidden, n_layers_encoder, dropout_rate_encoder,
+                               latent_library=not use_observed_lib_size)
         self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder)
         self.background_encoder = BackgroundEncoder(n_latent, n_proteins, n_cov, n_hidden,
                                                     dropout_rate_decoder)
@@ -188,8 +193,8 @@ class TotalVIModule(nn.Module):
         finally:
             self.protein_mixture = saved
 
-    def _network_input(self, s: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
-        """``s ⊕ covariates``: what the networks see besides ``z`` or the counts."""
+    def network_input(self, s: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        """``s ⊕ covariates`` ``(B, K + p)``: what the networks see besides ``z`` or the counts."""
         if self.n_covariates:
             if covariates is None or covariates.shape[-1] != self.n_covariates:
                 raise ValueError(
@@ -202,30 +207,74 @@ class TotalVIModule(nn.Module):
                              "with n_covariates=0")
         return s
 
-    def encode(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        s: torch.Tensor,
-        log_library: torch.Tensor | None = None,
-        covariates: torch.Tensor | None = None,
-        protein_mask: torch.Tensor | None = None,
-    ):
-        """Parameters of q(z | x, y, s) and q(l | x, y, s): ``(z_loc, z_scale, l_loc, l_scale)``.
+    # -- plates ----------------------------------------------------------------------------------
+    def cells_plate(self, n_cells: int, idx: torch.Tensor | None, n_obs: int | None):
+        """The cell plate (``dim=-2``); with ``idx`` among ``n_obs`` cells it scales the
+        minibatch by ``n_obs / B``, so the ELBO estimate is unbiased for the full data."""
+        return pyro.plate("cells", n_obs or n_cells, subsample=idx, dim=-2)
 
-        Takes :meth:`model`'s first arguments (``*minibatch.args()``); unmeasured proteins are
-        zeroed first, so their values never inform q. ``log_library`` is unused (accepted so that
-        ``encode(*mb.args())`` works).
+    def genes_plate(self):
+        return pyro.plate("genes", self.n_genes, dim=-1)
+
+    @contextlib.contextmanager
+    def proteins_plate(self, protein_mask: torch.Tensor | None):
+        """The protein plate; entries where ``protein_mask`` is ``False`` (not measured) add
+        nothing to any site inside it."""
+        with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(
+                mask=True if protein_mask is None else protein_mask):
+            yield
+
+    # -- model blocks ------------------------------------------------------------------------------
+    def latent_prior(self, s: torch.Tensor) -> dist.Distribution:
+        """Eq. (1): p(z_n) = Normal(0, I), event shape ``(d,)`` (on the data's device)."""
+        return dist.Normal(s.new_zeros(self.n_latent), 1.0).to_event(1)
+
+    def decode(self, z: torch.Tensor, cov: torch.Tensor):
+        """Eqs. (2)-(4), (6)-(8): ``rho (B, G)``, ``alpha (B, T) >= 1`` and the *logits* of
+        ``pi (B, T)`` from ``z (B, d)`` and ``cov`` = ``s ⊕ covariates``."""
+        return self.decoder(z, cov)
+
+    def library_prior(self, s: torch.Tensor) -> dist.Distribution:
+        """Eq. (5): LogNormal(l_mu^T s_n, l_sigma2^T s_n), ``(B, 1)``; used when the library is
+        latent (``use_observed_lib_size=False``)."""
+        l_mu = (s @ self.library_log_means).unsqueeze(-1)
+        l_sigma = (s @ self.library_log_vars).sqrt().unsqueeze(-1)
+        return dist.LogNormal(l_mu, l_sigma)
+
+    def rna_likelihood(self, library: torch.Tensor, rho: torch.Tensor) -> dist.Distribution:
+        """Eq. (10): NB(l_n rho_ng, theta_g), ``(B, G)``."""
+        return NegativeBinomial(library * rho, self.log_theta.exp())
+
+    def background_prior(self, s: torch.Tensor) -> dist.Distribution:
+        """Eq. (11): LogNormal(c_t^T s_n, d_t^T s_n), ``(B, T)`` (``d`` kept on the log scale)."""
+        return dist.LogNormal(s @ self.background_c.T, (s @ self.background_log_d.T).exp())
+
+    def protein_likelihood(self, beta: torch.Tensor, alpha: torch.Tensor,
+                           pi_logits: torch.Tensor, v: torch.Tensor | None = None
+                           ) -> dist.Distribution:
+        """Eq. (14): NB(v beta + (1 - v) beta alpha, phi_t), ``(B, T)``; ``v = None`` gives
+        Eqs. (12)-(14) with v summed out, pi NB(beta, phi) + (1 - pi) NB(beta alpha, phi)."""
+        phi = self.log_phi.exp()
+        if v is None:
+            return NegativeBinomialMixture(beta, beta * alpha, phi, pi_logits)
+        return NegativeBinomial(v * beta + (1 - v) * beta * alpha, phi)
+
+    def background_penalty(self, pi_logits: torch.Tensor) -> None:
+        """Non-model factor ``w log pi_nt`` (``w`` = ``background_preference``).
+
+        Where counts cannot tell background from foreground (a protein with almost no counts,
+        such as an isotype control) the likelihood is flat in ``pi``, and this tips it to
+        background; it is negligible wherever the data speak. Not part of Eqs. (1)-(14):
+        reported likelihoods leave it out (:func:`penalty`).
         """
-        if protein_mask is not None:
-            y = y * protein_mask  # an unmeasured protein's value must not inform q(z) either
-        cov = self._network_input(s, covariates) if self.encode_covariates else None
-        return self.encoder(x, y, cov)
+        if self.background_preference:
+            penalty("background_preference", self.background_preference * F.logsigmoid(pi_logits))
 
+    # ------------------------------------------------------------------------------------------
     def model(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: torch.Tensor | None,
+        y: torch.Tensor | None,
         s: torch.Tensor,
         log_library: torch.Tensor | None = None,
         covariates: torch.Tensor | None = None,
@@ -251,8 +300,7 @@ class TotalVIModule(nn.Module):
             Boolean ``(B, T)``: ``False`` where a protein was not measured; such entries add nothing
             to the likelihood.
         idx, n_obs
-            Indices of the minibatch among ``n_obs`` cells: the plate scales the minibatch by
-            ``n_obs / B`` so that the ELBO estimate is unbiased for the full data.
+            Indices of the minibatch among ``n_obs`` cells (see :meth:`cells_plate`).
         kl_weight
             KL warm-up factor on the local latent sites ``z`` and ``beta`` (and, with
             ``protein_warmup``, on the protein likelihood).
@@ -265,49 +313,64 @@ class TotalVIModule(nn.Module):
         ``pyro.deterministic`` sites so that ``pyro.infer.Predictive`` returns them.
         """
         self._register_params()
-        B = s.shape[0]
         s_gen = s if decode_as is None else decode_as
-        cov = self._network_input(s_gen, covariates)  # transform_batch swaps s, not covariates
-        theta = self.log_theta.exp()  # theta_g: gene inverse dispersion
-        phi = self.log_phi.exp()  # phi_t: protein inverse dispersion
-        with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
+        cov = self.network_input(s_gen, covariates)  # transform_batch swaps s, not covariates
+        with self.cells_plate(s.shape[0], idx, n_obs):
             with poutine.scale(scale=kl_weight):
-                # s.new_zeros: the prior lives on the data's device (CPU or GPU)
-                z = pyro.sample("z", dist.Normal(s.new_zeros(self.n_latent), 1.0).to_event(1))  # (1)
-            z = z.squeeze(-2)
-            rho, alpha, pi_logits = self.decoder(z, cov)  # (2)-(4), (6)-(8): f_rho, g_alpha, h_pi
+                z = pyro.sample("z", self.latent_prior(s)).squeeze(-2)  # (1)
+            rho, alpha, pi_logits = self.decode(z, cov)  # (2)-(4), (6)-(8)
             if self.use_observed_lib_size:
                 library = log_library.exp()  # l_n observed: total RNA counts
             else:
-                l_mu = (s @ self.library_log_means).unsqueeze(-1)
-                l_sigma = (s @ self.library_log_vars).sqrt().unsqueeze(-1)
-                library = pyro.sample("l", dist.LogNormal(l_mu, l_sigma))  # (5)
-
-            with pyro.plate("genes", self.n_genes, dim=-1):
+                library = pyro.sample("l", self.library_prior(s))  # (5)
+            with self.genes_plate():
                 pyro.deterministic("rho", rho)
-                pyro.sample("x", NegativeBinomial(library * rho, theta), obs=x)  # (10)
-
-            measured = _measured(protein_mask)
-            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=measured):
+                pyro.sample("x", self.rna_likelihood(library, rho), obs=x)  # (10)
+            with self.proteins_plate(protein_mask):
                 pyro.deterministic("alpha", alpha)
                 pyro.deterministic("pi", torch.sigmoid(pi_logits))
-                if self.background_preference:
-                    pyro.factor("background_preference",
-                                self.background_preference * F.logsigmoid(pi_logits))
-                c, d = s_gen @ self.background_c.T, (s_gen @ self.background_log_d.T).exp()
                 with poutine.scale(scale=kl_weight):
-                    beta = pyro.sample("beta", dist.LogNormal(c, d))  # (11)
+                    beta = pyro.sample("beta", self.background_prior(s_gen))  # (11)
+                    self.background_penalty(pi_logits)  # not in the model; warmed up as scvi-tools
                 with poutine.scale(scale=kl_weight if self.protein_warmup else 1.0):
-                    if self.protein_mixture == "enumerate":
-                        # v_nt = 1 means "background only"; pi is its probability.
+                    v = None  # "marginal": summed out analytically inside the likelihood
+                    if self.protein_mixture == "enumerate":  # v_nt = 1: background only
                         v = pyro.sample("v", dist.Bernoulli(logits=pi_logits),
                                         infer={"enumerate": "parallel"})  # (12)
-                        mean = v * beta + (1 - v) * beta * alpha
-                        pyro.sample("y", NegativeBinomial(mean, phi), obs=y)  # (14)
-                    else:
-                        # (12)-(14) with v summed out: pi NB(beta) + (1 - pi) NB(beta alpha)
-                        pyro.sample("y", NegativeBinomialMixture(beta, beta * alpha, phi,
-                                                                 pi_logits), obs=y)
+                    pyro.sample("y", self.protein_likelihood(beta, alpha, pi_logits, v),
+                                obs=y)  # (14)
+
+    # -- guide blocks ------------------------------------------------------------------------------
+    def encode(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        s: torch.Tensor,
+        log_library: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
+        protein_mask: torch.Tensor | None = None,
+    ):
+        """Parameters of q(z | x, y, s) and q(l | x, y, s): ``(z_loc, z_scale, l_loc, l_scale)``.
+
+        Takes :meth:`model`'s first arguments (``*minibatch.args()``); unmeasured proteins are
+        zeroed first, so their values never inform q. ``log_library`` is unused (accepted so that
+        ``encode(*mb.args())`` works); ``l_loc, l_scale`` are ``None`` for an observed library.
+        """
+        if protein_mask is not None:
+            y = y * protein_mask  # an unmeasured protein's value must not inform q(z) either
+        cov = self.network_input(s, covariates) if self.encode_covariates else None
+        return self.encoder(x, y, cov)
+
+    def latent_posterior(self, *args) -> tuple[dist.Distribution, dist.Distribution | None]:
+        """q(z | x, y, s) with event shape ``(d,)`` on ``(B, 1)``, and q(l | x, y, s) ``(B, 1)``
+        (``None`` for an observed library); takes :meth:`encode`'s arguments."""
+        z_loc, z_scale, l_loc, l_scale = self.encode(*args)
+        q_z = dist.Normal(z_loc.unsqueeze(-2), z_scale.unsqueeze(-2)).to_event(1)
+        return q_z, None if l_loc is None else dist.LogNormal(l_loc, l_scale)
+
+    def background_posterior(self, z: torch.Tensor, cov: torch.Tensor) -> dist.Distribution:
+        """q(beta | z, s) = LogNormal ``(B, T)`` from ``z (B, d)`` and ``s ⊕ covariates``."""
+        return dist.LogNormal(*self.background_encoder(z, cov))
 
     def guide(
         self,
@@ -324,18 +387,12 @@ class TotalVIModule(nn.Module):
     ):
         """q(beta | z, s) q(z | x, y, s) q(l | x, y, s); same arguments as :meth:`model`."""
         self._register_params()
-        B = s.shape[0]
-        cov_gen = self._network_input(s if decode_as is None else decode_as, covariates)
-        z_loc, z_scale, l_loc, l_scale = self.encode(x, y, s, log_library, covariates,
-                                                     protein_mask)
-        with pyro.plate("cells", n_obs or B, subsample=idx, dim=-2):
+        cov_gen = self.network_input(s if decode_as is None else decode_as, covariates)
+        q_z, q_l = self.latent_posterior(x, y, s, log_library, covariates, protein_mask)
+        with self.cells_plate(s.shape[0], idx, n_obs):
             with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", dist.Normal(z_loc.unsqueeze(-2), z_scale.unsqueeze(-2))
-                                .to_event(1))
-            if not self.use_observed_lib_size:
-                pyro.sample("l", dist.LogNormal(l_loc, l_scale))
-            loc, scale = self.background_encoder(z.squeeze(-2), cov_gen)
-            measured = _measured(protein_mask)
-            with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(mask=measured):
-                with poutine.scale(scale=kl_weight):
-                    pyro.sample("beta", dist.LogNormal(loc, scale))
+                z = pyro.sample("z", q_z).squeeze(-2)
+            if q_l is not None:
+                pyro.sample("l", q_l)
+            with self.proteins_plate(protein_mask), poutine.scale(scale=kl_weight):
+                pyro.sample("beta", self.background_posterior(z, cov_gen))

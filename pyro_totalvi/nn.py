@@ -1,8 +1,10 @@
 """Neural networks of totalVI: the amortised encoders and the decoders f_rho, g_alpha, h_pi.
 
-The architecture copies scvi-tools' ``EncoderTOTALVI`` / ``DecoderTOTALVI`` defaults so that results
-can be compared one to one. Nothing here is probabilistic: ``model.py`` turns the outputs into
-distributions.
+The sizes follow scvi-tools' ``EncoderTOTALVI`` / ``DecoderTOTALVI`` defaults so that results can
+be compared one to one; one deliberate difference: for a latent library, q(l | x, y, s) reads the
+z-encoder's hidden layer, where scvi-tools gives it a second network on the input (it matters only
+with ``use_observed_lib_size=False``; kept so that saved models load). Nothing here is
+probabilistic: ``model.py`` turns the outputs into distributions.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class FCLayers(nn.Module):
 class Encoder(nn.Module):
     """q(z | x, y, s) and, for a latent library, q(l | x, y, s).
 
-    Input is ``log1p(x) ⊕ log1p(y)``; covariates ``s`` are injected in every hidden layer.
+    Input is ``log1p(x) ⊕ log1p(y)``; covariates ``s`` are injected in every hidden layer. The
+    library head reads the shared hidden layer (scvi-tools: a separate network on the input).
     Returns ``(z_loc, z_scale, l_loc, l_scale)``; the last two are ``None`` when the library is
     observed, so no compute is spent on an unused head.
     """

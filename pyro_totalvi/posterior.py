@@ -15,11 +15,10 @@ import torch
 from anndata import AnnData
 from pyro import poutine
 from pyro.infer import Predictive
-from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
 from .data import CiteData, Minibatch, TotalVIDataError
-from .train import evaluate, site_log_prob
+from .scoring import evaluate, score_minibatch
 
 __all__ = ["PosteriorMixin"]
 
@@ -83,7 +82,7 @@ class PosteriorMixin:
             k = min(per_call, n_samples - done)
             predictive = Predictive(self.module.model, guide=self.module.guide, num_samples=k,
                                     return_sites=list(sites), parallel=True)
-            draw = predictive(*mb.args(), decode_as=decode_as)
+            draw = predictive(*mb.args(), **mb.kwargs(), decode_as=decode_as)
             for i in range(k):
                 yield {name: value[i] for name, value in draw.items()}
             done += k
@@ -186,7 +185,8 @@ class PosteriorMixin:
             acc = 0.0
             with self.module.fast_calls():
                 for _ in range(n_samples):
-                    guide = poutine.trace(self.module.guide).get_trace(*mb.args())
+                    guide = poutine.trace(self.module.guide).get_trace(*mb.args(),
+                                                                        **mb.kwargs())
                     acc = acc + guide.nodes["beta"]["fn"].mean
             out[pos] = (acc / n_samples).cpu().numpy()
         return out
@@ -317,11 +317,11 @@ class PosteriorMixin:
         with self.module.fast_calls():
             for pos, mb in self._chunks(data, idx, batch_size):
                 q = Predictive(self.module.guide, num_samples=n_samples, return_sites=latent)
-                draws = q(*mb.args())
+                draws = q(*mb.args(), **mb.kwargs())
                 p = Predictive(self.module.model, posterior_samples=draws, return_sites=["x", "y"])
                 args = list(mb.args())
                 args[0] = args[1] = None
-                rep = p(*args)
+                rep = p(*args, **mb.kwargs())
                 # select the features on the device: only they are copied back
                 rna[pos] = rep["x"][..., g_sel].permute(1, 2, 0).cpu().numpy()
                 pro[pos] = rep["y"][..., p_sel].permute(1, 2, 0).cpu().numpy()
@@ -400,14 +400,18 @@ class PosteriorMixin:
         r"""Importance-sampled :math:`\log p(x, y)` per cell (mean over cells; higher is better).
 
         :math:`\log \frac1K \sum_k p(x, y, z_k, l_k, \beta_k) / q(z_k, l_k, \beta_k \mid x, y)`
-        with the guide as proposal, ``v`` summed out. By Jensen's inequality it is at least the
-        ELBO (``get_elbo()``) in expectation, and tighter as ``n_mc_samples`` grows.
+        with the guide as proposal, ``v`` summed out; the weights come from the one trace scorer
+        (:func:`pyro_totalvi.scoring.trace_terms`, non-model factors left out). By Jensen's
+        inequality it is at least the ELBO (``get_elbo()``) in expectation, and tighter as
+        ``n_mc_samples`` grows.
         """
         data, idx = self._prepare(adata, indices)
         total = 0.0
-        with self.module.fast_calls(), self.module.v_summed_out():
+        with self.module.fast_calls():
             for _, mb in self._chunks(data, idx, batch_size):
-                log_w = torch.stack([_log_weight(self.module, mb) for _ in range(n_mc_samples)])
+                log_w = torch.stack([
+                    sum(score_minibatch(self.module, mb, data.n_obs, kl="sample")[0].values())
+                    for _ in range(n_mc_samples)])
                 total += (torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).sum().item()
         return total / max(len(idx), 1)
 
@@ -415,23 +419,4 @@ class PosteriorMixin:
     def _cell_names(self, adata: AnnData | None, idx: np.ndarray) -> pd.Index:
         return (self.adata if adata is None else adata).obs_names[idx]
 
-
-def _per_cell(site) -> torch.Tensor:
-    lp = site_log_prob(site)
-    return lp.reshape(lp.shape[0], -1).sum(-1)
-
-
-def _log_weight(module, mb: Minibatch) -> torch.Tensor:
-    """log p(x, y, z, l, beta) - log q(z, l, beta) per cell for one draw from the guide."""
-    guide = poutine.trace(module.guide).get_trace(*mb.args())
-    model = poutine.trace(poutine.replay(module.model, trace=guide)).get_trace(*mb.args())
-    log_w = 0.0
-    for site in model.nodes.values():
-        if (site["type"] == "sample" and not site_is_subsample(site)
-                and not site["infer"].get("_deterministic")):
-            log_w = log_w + _per_cell(site)
-    for site in guide.nodes.values():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            log_w = log_w - _per_cell(site)
-    return log_w
 

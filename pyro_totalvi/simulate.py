@@ -75,71 +75,73 @@ def simulate_chunks(
     (``benchmarks/scale.py`` builds a million-cell ``.h5ad`` this way).
     """
     rng = np.random.default_rng(seed)
-    G, T, K = n_genes, n_proteins, n_batches
-    # Group centres far apart relative to the within-group spread of z.
-    centres = rng.normal(0, 2.0, (n_groups, n_latent))
-    de = rng.random(G) < de_fraction
-    W = rng.normal(0, 0.6, (G, n_latent)) * de[:, None]  # only DE genes depend on z
-    gene_base = rng.normal(0, 1.2, G)
-    batch_gene = rng.normal(0, 0.25, (K, G)) if K > 1 else np.zeros((1, G))
-    theta = np.exp(rng.normal(np.log(3.0), 0.5, G))
-    lib_mu = np.log(2000.0) + rng.normal(0, 0.3, K)
+    p = _parameters(rng, n_genes, n_proteins, n_batches, n_groups, n_latent, de_fraction)
+    groups = rng.integers(0, n_groups, n_cells)
+    batches = rng.integers(0, n_batches, n_cells)
+    for start in range(0, n_cells, chunk_size):
+        yield _chunk(rng, p, groups[start : start + chunk_size],
+                     batches[start : start + chunk_size], start)
 
+
+def _parameters(rng, G, T, K, n_groups, n_latent, de_fraction) -> dict:
+    """The simulator's global parameters: group centres, gene and protein effects, priors."""
+    p = {"K": K, "n_groups": n_groups, "n_latent": n_latent}
+    # Group centres far apart relative to the within-group spread of z.
+    p["centres"] = rng.normal(0, 2.0, (n_groups, n_latent))
+    p["de"] = de = rng.random(G) < de_fraction
+    p["W"] = rng.normal(0, 0.6, (G, n_latent)) * de[:, None]  # only DE genes depend on z
+    p["gene_base"] = rng.normal(0, 1.2, G)
+    p["batch_gene"] = rng.normal(0, 0.25, (K, G)) if K > 1 else np.zeros((1, G))
+    p["theta"] = np.exp(rng.normal(np.log(3.0), 0.5, G))
+    p["lib_mu"] = np.log(2000.0) + rng.normal(0, 0.3, K)
     # Proteins: foreground pattern per group; pi is a smooth function of z through the
     # group-weighted pattern (a soft nearest-centre rule) so it stays a function of (z, s).
-    foreground = rng.random((n_groups, T)) < 0.5
-    log_fg_ratio = rng.uniform(np.log(5.0), np.log(20.0), T)  # alpha - 1 scale
-    c = rng.normal(np.log(30.0), 0.6, T)[:, None] + rng.normal(0, 0.3, (1, K))  # c_t^T s
-    d = np.full((T, K), 0.35)
-    phi = np.exp(rng.normal(np.log(8.0), 0.3, T))
-    group_log_rho = gene_base[:, None] + W @ centres.T
-    group_log_rho -= np.log(np.exp(group_log_rho).sum(0, keepdims=True))
+    p["foreground"] = rng.random((n_groups, T)) < 0.5
+    p["log_fg_ratio"] = rng.uniform(np.log(5.0), np.log(20.0), T)  # alpha - 1 scale
+    p["c"] = rng.normal(np.log(30.0), 0.6, T)[:, None] + rng.normal(0, 0.3, (1, K))  # c_t^T s
+    p["d"] = np.full((T, K), 0.35)
+    p["phi"] = np.exp(rng.normal(np.log(8.0), 0.3, T))
+    log_rho = p["gene_base"][:, None] + p["W"] @ p["centres"].T
+    p["group_log_rho"] = log_rho - np.log(np.exp(log_rho).sum(0, keepdims=True))
+    return p
 
-    groups = rng.integers(0, n_groups, n_cells)
-    batches = rng.integers(0, K, n_cells)
-    batch_names = [f"batch_{i}" for i in range(K)]
-    group_names = [f"group_{i}" for i in range(n_groups)]
-    protein_names = [f"protein_{t}" for t in range(T)]
-    var = pd.DataFrame({"de": de}, index=[f"gene_{g}" for g in range(G)])
-    for start in range(0, n_cells, chunk_size):
-        g, b = groups[start : start + chunk_size], batches[start : start + chunk_size]
-        n = len(g)
-        z = centres[g] + rng.normal(0, 0.4, (n, n_latent))  # (1)
-        logits = z @ W.T + gene_base + batch_gene[b]
-        rho = np.exp(logits - logits.max(1, keepdims=True))
-        rho /= rho.sum(1, keepdims=True)  # (2)
-        # soft assignment of z to group centres gives pi and alpha as smooth functions of z
-        dist2 = ((z[:, None, :] - centres[None]) ** 2).sum(-1)
-        w = np.exp(-(dist2 - dist2.min(1, keepdims=True)) / 2.0)
-        w /= w.sum(1, keepdims=True)
-        fg = w @ foreground.astype(float)
-        pi = 1 / (1 + np.exp(-(3.0 - 6.0 * fg)))  # (4): ~0.05 foreground, ~0.95 background
-        alpha = 1 + np.exp(log_fg_ratio)[None] * (0.5 + fg)  # (3)
-        lib = np.exp(rng.normal(lib_mu[b], 0.3))  # (5)
-        x = _nb(rng, lib[:, None] * rho, theta[None])  # (10)
-        beta = np.exp(rng.normal(c[:, b].T, d[:, b].T))  # (11)
-        v = (rng.random((n, T)) < pi).astype(np.float32)  # (12)
-        y = _nb(rng, v * beta + (1 - v) * beta * alpha, phi[None])  # (14)
-        names = [f"cell_{i}" for i in range(start, start + n)]
-        chunk = ad.AnnData(
-            X=sp.csr_matrix(x),
-            obs=pd.DataFrame(
-                {
-                    "batch": pd.Categorical([f"batch_{i}" for i in b], categories=batch_names),
-                    "group": pd.Categorical([f"group_{i}" for i in g], categories=group_names),
-                    "true_library": lib,
-                },
-                index=names,
-            ),
-            var=var,
-        )
-        chunk.obsm["protein_expression"] = pd.DataFrame(y, index=names, columns=protein_names)
-        chunk.obsm["true_z"] = z.astype(np.float32)
-        chunk.obsm["true_v"] = v
-        chunk.obsm["true_beta"] = beta.astype(np.float32)
-        chunk.obsm["true_pi"] = pi.astype(np.float32)
-        chunk.varm["true_group_log_rho"] = group_log_rho.astype(np.float32)
-        chunk.uns["true_group_foreground"] = foreground
-        # A protein is planted-DE when it is foreground in some groups but not in others.
-        chunk.uns["protein_de"] = foreground.any(0) & ~foreground.all(0)
-        yield chunk
+
+def _chunk(rng, p: dict, g: np.ndarray, b: np.ndarray, start: int) -> ad.AnnData:
+    """Cells ``start, start + 1, ...`` of groups ``g`` and batches ``b``, drawn by Eqs. (1)-(14)."""
+    n, (G, T) = len(g), (len(p["de"]), len(p["phi"]))
+    z = p["centres"][g] + rng.normal(0, 0.4, (n, p["n_latent"]))  # (1)
+    logits = z @ p["W"].T + p["gene_base"] + p["batch_gene"][b]
+    rho = np.exp(logits - logits.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)  # (2)
+    # soft assignment of z to group centres gives pi and alpha as smooth functions of z
+    dist2 = ((z[:, None, :] - p["centres"][None]) ** 2).sum(-1)
+    w = np.exp(-(dist2 - dist2.min(1, keepdims=True)) / 2.0)
+    w /= w.sum(1, keepdims=True)
+    fg = w @ p["foreground"].astype(float)
+    pi = 1 / (1 + np.exp(-(3.0 - 6.0 * fg)))  # (4): ~0.05 foreground, ~0.95 background
+    alpha = 1 + np.exp(p["log_fg_ratio"])[None] * (0.5 + fg)  # (3)
+    lib = np.exp(rng.normal(p["lib_mu"][b], 0.3))  # (5)
+    x = _nb(rng, lib[:, None] * rho, p["theta"][None])  # (10)
+    beta = np.exp(rng.normal(p["c"][:, b].T, p["d"][:, b].T))  # (11)
+    v = (rng.random((n, T)) < pi).astype(np.float32)  # (12)
+    y = _nb(rng, v * beta + (1 - v) * beta * alpha, p["phi"][None])  # (14)
+    names = [f"cell_{i}" for i in range(start, start + n)]
+    batch_names = [f"batch_{i}" for i in range(p["K"])]
+    group_names = [f"group_{i}" for i in range(p["n_groups"])]
+    obs = pd.DataFrame({
+        "batch": pd.Categorical([batch_names[i] for i in b], categories=batch_names),
+        "group": pd.Categorical([group_names[i] for i in g], categories=group_names),
+        "true_library": lib}, index=names)
+    var = pd.DataFrame({"de": p["de"]}, index=[f"gene_{i}" for i in range(G)])
+    chunk = ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=var)
+    chunk.obsm["protein_expression"] = pd.DataFrame(
+        y, index=names, columns=[f"protein_{t}" for t in range(T)])
+    chunk.obsm["true_z"] = z.astype(np.float32)
+    chunk.obsm["true_v"] = v
+    chunk.obsm["true_beta"] = beta.astype(np.float32)
+    chunk.obsm["true_pi"] = pi.astype(np.float32)
+    chunk.varm["true_group_log_rho"] = p["group_log_rho"].astype(np.float32)
+    chunk.uns["true_group_foreground"] = p["foreground"]
+    # A protein is planted-DE when it is foreground in some groups but not in others.
+    chunk.uns["protein_de"] = p["foreground"].any(0) & ~p["foreground"].all(0)
+    return chunk

@@ -99,12 +99,12 @@ def test_covariates_reach_the_generative_networks():
     m = TOTALVI(a, n_latent=4, n_hidden=16).module.eval()
     mb = CiteData(a).minibatch(np.arange(30))
     z = torch.zeros(30, 4)
-    cov = m._network_input(mb.s, mb.covariates)
+    cov = m.network_input(mb.s, mb.covariates)
     other = mb.covariates.clone()
     other[:, :3] = torch.tensor([0.0, 0.0, 1.0])  # every cell from donor d3
     with torch.no_grad():
         rho_a = m.decoder(z, cov)[0]
-        rho_b = m.decoder(z, m._network_input(mb.s, other))[0]
+        rho_b = m.decoder(z, m.network_input(mb.s, other))[0]
     assert not torch.allclose(rho_a, rho_b)
 
 
@@ -126,10 +126,6 @@ def test_encode_covariates(encode):
     with torch.no_grad():
         same = torch.allclose(module.encode(*args)[0], module.encode(*changed)[0])
     assert same is (not encode)  # without encode_covariates the encoder sees neither
-    # the posterior encoder call of older code, encoder(x, y, s), works without covariates only
-    if not encode:
-        with torch.no_grad():
-            module.encoder(mb.x, mb.y, mb.s)
 
 
 def test_module_checks_covariate_width():
