@@ -19,6 +19,8 @@ from pyro_totalvi.__main__ import main as cli_main
 from pyro_totalvi.distributed import DistributedSetupError
 from pyro_totalvi.train import _batches, load_checkpoint
 
+pytestmark = pytest.mark.slow  # two-process runs under torchrun
+
 N_CELLS, N_EPOCHS = 1200, 120
 #: Relative tolerance on the final validation ELBO, 2 processes vs the range of single-process
 #: runs that differ only in their seed. Not exact: each process normalises its own 128 cells in

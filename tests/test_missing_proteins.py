@@ -156,6 +156,7 @@ def _report(name, hidden, ours, knn):
           "constant batch mean undefined (= 0)")
 
 
+@pytest.mark.slow
 def test_impute_hidden_proteins_on_simulated_data():
     a = simulate(1000, n_genes=200, n_proteins=15, n_batches=2, n_groups=5, seed=2)
     pro = a.obsm["protein_expression"]
@@ -178,6 +179,7 @@ def test_impute_hidden_proteins_on_simulated_data():
     assert np.median(ours) > np.median(knn) - 0.05
 
 
+@pytest.mark.slow
 def test_impute_hidden_proteins_on_eccite():
     path = shared_file("eccite_pbmc_500.h5ad")
     a = _select_genes(ad.read_h5ad(path), 2000)
@@ -204,6 +206,7 @@ def test_impute_hidden_proteins_on_eccite():
     assert np.median(ours) > np.median(knn) - 0.2
 
 
+@pytest.mark.slow
 def test_two_real_panels_train_and_impute():
     path = shared_file("pbmc10k5k_two_panels.h5ad")
     a = _select_genes(ad.read_h5ad(path), 1000)

@@ -186,6 +186,7 @@ def test_latent_library_when_latent(adata):
     assert np.isfinite(rna.to_numpy()).all()
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_n_samples():
     """Running means: the memory growth of the call must not scale with n_samples.
 
@@ -213,6 +214,7 @@ def eccite():
     return m
 
 
+@pytest.mark.slow
 def test_eccite_isotypes_are_background(eccite):
     fg = eccite.get_protein_foreground_probability(n_samples=10)
     isotypes = list(eccite.adata.uns["isotype_controls"])
@@ -223,6 +225,7 @@ def test_eccite_isotypes_are_background(eccite):
     assert fg[isotypes].mean().mean() < fg[markers].mean().mean()
 
 
+@pytest.mark.slow
 def test_eccite_denoising_agrees_across_clones(eccite):
     pro = eccite.adata.obsm["protein_expression"]
     _, den = eccite.get_normalized_expression(n_samples=10)

@@ -97,6 +97,7 @@ def test_save_load_reproduces_latent(trained, tmp_path):
     assert loaded.history.shape == trained.history.shape
 
 
+@pytest.mark.slow
 def test_eccite_trains_50_epochs_without_nan():
     adata = _select_genes(ad.read_h5ad(shared_file("eccite_pbmc_500.h5ad")), 2000)
     TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
