@@ -15,6 +15,7 @@ import torch
 from anndata import AnnData
 
 from . import distributed
+from .checkpoint import atomic_write
 from .data import (
     REGISTRY_KEY,
     CiteData,
@@ -29,10 +30,9 @@ from .data import (
     registry_keys,
 )
 from .de import DEMixin
+from .device import module_device, resolve_device
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
-from .checkpoint import atomic_write
-from .device import module_device, resolve_device
 from .train import train
 
 __all__ = ["TOTALVI"]

@@ -17,6 +17,8 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from .distributions import with_nonzero
+
 logger = logging.getLogger("pyro_totalvi")
 
 REGISTRY_KEY = "_pyro_totalvi"
@@ -618,7 +620,12 @@ class Minibatch:
             return self
 
         def move(t):
-            return None if t is None else t.to(device, non_blocking=True)
+            if t is None:
+                return None
+            moved = t.to(device, non_blocking=True)
+            if hasattr(t, "_flat_nonzero"):  # see distributions.with_nonzero
+                with_nonzero(moved, t._flat_nonzero.to(device, non_blocking=True))
+            return moved
 
         return Minibatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)
                             if f.name != "extras"},
@@ -727,8 +734,10 @@ class CiteData:
         """
         idx = np.sort(np.asarray(idx, dtype=np.int64))
         rows = self.X[idx]
-        x = rows.toarray() if sp.issparse(rows) else rows
-        x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        x = torch.from_numpy(np.asarray(rows.toarray() if sp.issparse(rows) else rows,
+                                        dtype=np.float32))
+        if sp.issparse(rows):  # the likelihood's nonzero entries, known from the CSR indices
+            with_nonzero(x, torch.from_numpy(_flat_nonzero_csr(rows)))
         batch = self.batch[idx]
         mask = None
         if self.cell_protein_mask is not None or not self.protein_measured.all():
@@ -742,6 +751,13 @@ class CiteData:
             idx=torch.from_numpy(idx),
             covariates=None if self.covariates is None else torch.from_numpy(self.covariates[idx]),
         ).to(device)
+
+
+def _flat_nonzero_csr(rows: sp.csr_matrix) -> np.ndarray:
+    """Flat (row-major) positions of the nonzero entries of ``rows`` (stored zeros left out)."""
+    row = np.repeat(np.arange(rows.shape[0], dtype=np.int64), np.diff(rows.indptr))
+    flat = row * rows.shape[1] + rows.indices
+    return flat[rows.data != 0] if (rows.data == 0).any() else flat
 
 
 def library_log_stats(data: CiteData) -> tuple[np.ndarray, np.ndarray]:

@@ -60,6 +60,8 @@ __all__ = [
 #: Losses are checked for NaN every this many steps (not every step: reading a loss makes the
 #: CPU wait for a GPU), so a long epoch stops soon after a divergence.
 CHECK_EVERY = 64
+#: Training cells evaluated after every epoch for ``elbo_train`` (a fixed sample).
+PROBE_CELLS = 256
 
 
 class TrainingDivergedError(RuntimeError):
@@ -199,10 +201,10 @@ class Trainer:
         # At least 2 training cells (BatchNorm); tiny data sets give up validation first.
         n_train = n if plan.train_size >= 1.0 else max(2, min(n - 1, math.ceil(plan.train_size * n)))
         self.train_idx, self.val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
-        # As large as the validation set: elbo_train with the full KL weight at a fraction of an
-        # epoch's cost.
-        self.train_probe = np.sort(self.rng.choice(
-            self.train_idx, min(n_train, max(len(self.val_idx), 256)), replace=False))
+        # A fixed sample of training cells: elbo_train with the full KL weight, in eval mode as
+        # the validation ELBO, at a small fraction of an epoch's cost.
+        self.train_probe = np.sort(self.rng.choice(self.train_idx, min(n_train, PROBE_CELLS),
+                                                   replace=False))
         if self.world > 1:
             if n_train < 2 * self.world:
                 raise TotalVIDataError(

@@ -9,7 +9,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch import nn
 
-from pyro_totalvi import TOTALVI, TotalVIModule
+from pyro_totalvi import TotalVIModule
 from pyro_totalvi.data import CiteData
 from pyro_totalvi.scoring import elbo_terms, score_minibatch, trace_terms
 
