@@ -775,13 +775,21 @@ def library_log_stats(data: CiteData) -> tuple[np.ndarray, np.ndarray]:
 def protein_background_prior(
     data: CiteData, n_cells: int = 200, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Initial c_t, exp(d_t) of Eq. (11), shape ``(T, K)``, from the data (as scvi-tools).
+    """Initial c_t, exp(d_t) of Eq. (11), shape ``(T, K)``, from the data.
 
     For (up to ``n_cells``) cells of each batch, a two-component Gaussian mixture over the cell's
     ``log(y + 1)`` across its measured proteins separates the background level of that cell from
     its foreground; the mean and standard deviation of the lower component, aggregated over cells,
     initialise every protein of the batch. A per-protein fit would call the upper half of a purely
     background antibody (an isotype control) "foreground".
+
+    The procedure is scvi-tools' (``TOTALVI._get_totalvi_protein_priors``) with one deliberate
+    difference in the aggregated scale: here the root mean square of the cells' standard
+    deviations (how widely one cell's background spreads), where scvi-tools 1.4 divides it by
+    the square root of the number of cells (the standard deviation of the *mean*, a ten times
+    narrower prior for 100 cells). On ``bmmc_cite_starter.h5ad`` (200 epochs, seeds 0-2,
+    ``benchmarks/bmmc_quality.py``) scvi-tools' scale gave a 5-NN cell-type accuracy of 0.675
+    against 0.692 with this one. scvi-tools also samples 100 cells with replacement.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture

@@ -142,8 +142,10 @@ def elbo_terms(module, data: CiteData, indices: np.ndarray,
     One entry per model site (:func:`trace_terms` with analytic KL, sign flipped): ``"x"`` and
     ``"y"`` are ``-log p`` of the RNA and protein counts (a one-draw Monte Carlo estimate under
     q), ``"z"``, ``"l"``, ``"beta"`` the KL of q from the prior (``"l"`` is 0 with an observed
-    library), as scvi-tools' loss terms, so they compare directly with them. Penalties and
-    warm-up weights are not included.
+    library), term for term as scvi-tools' ``reconst_loss_gene``, ``reconst_loss_protein``,
+    ``kl_div_z``, ``kl_div_l_gene``, ``kl_div_back_pro`` — except that scvi-tools 1.4 adds its
+    two penalties (background preference, per-batch efficiency prior) to the last one. Penalties
+    and warm-up weights are not included.
     """
     return _negative_term_means(module, data, indices, batch_size)[0]
 
