@@ -72,27 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
         "in obsm (--protein-key); give this or --demo")
     add("--demo", action="store_true", help="train on data simulated by the package instead "
         "of INPUT (default: off)")
-    add("--out", metavar="DIR", default="results", help="output directory, created if missing (default: "
-        "results)")
-    add("--protein-key", metavar="KEY", default="protein_expression", help="obsm key of the protein counts "
-        "(default: protein_expression)")
-    add("--batch-key", metavar="KEY", default=None, help="obs column of the batches; default: none, one batch "
-        "(with --demo: batch)")
+    add("--out", metavar="DIR", default="results",
+        help="output directory, created if missing (default: results)")
+    add("--protein-key", metavar="KEY", default="protein_expression",
+        help="obsm key of the protein counts (default: protein_expression)")
+    add("--batch-key", metavar="KEY", default=None,
+        help="obs column of the batches; default: none, one batch (with --demo: batch)")
     add("--layer", metavar="LAYER", default=None, help="layer that holds the RNA counts (default: X)")
-    add("--n-genes", metavar="N", type=_positive(1), default=None, help="keep the N most detected genes; "
-        "the written .h5ad holds only those (default: all genes)")
-    add("--max-epochs", metavar="N", type=_positive(1), default=None, help="most epochs to train; early "
-        "stopping may end sooner (default: scvi-tools' rule, 400 for 20,000 cells or fewer, "
-        "fewer for more cells)")
-    add("--n-steps-kl-warmup", metavar="N", type=_positive(0), default=None, help="steps over which the KL "
-        "weight rises from 0 to 1 (default: 0.75 x the number of cells)")
+    add("--n-genes", metavar="N", type=_positive(1), default=None,
+        help="keep the N most detected genes; the written .h5ad holds only those (default: all "
+             "genes)")
+    add("--max-epochs", metavar="N", type=_positive(1), default=None,
+        help="most epochs to train; early stopping may end sooner (default: scvi-tools' rule, "
+             "400 for 20,000 cells or fewer, fewer for more cells)")
+    add("--n-steps-kl-warmup", metavar="N", type=_positive(0), default=None,
+        help="steps over which the KL weight rises from 0 to 1 (default: 0.75 x the number of "
+             "cells)")
     add("--protein-mixture", choices=["marginal", "enumerate"], default="marginal",
         help="sum the background/foreground indicator out analytically (marginal) or by Pyro's "
              "enumeration (default: marginal)")
-    add("--n-cells", metavar="N", type=_positive(2), default=3000, help="cells simulated by --demo "
-        "(default: 3000)")
-    add("--seed", metavar="SEED", type=int, default=0, help="seed of the split, the initial weights and every "
-        "draw: same seed, same result (default: 0)")
+    add("--n-cells", metavar="N", type=_positive(2), default=3000,
+        help="cells simulated by --demo (default: 3000)")
+    add("--seed", metavar="SEED", type=int, default=0,
+        help="seed of the split, the initial weights and every draw: same seed, same result "
+             "(default: 0)")
     add("--threads", metavar="N", type=_positive(1), default=None, help="torch CPU threads (default: "
         "torch's choice)")
     add("--batch-size", metavar="N", type=_positive(2), default=256, help="minibatch size, per process with "

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import scipy.stats as st
-from scipy.special import gammaln
 import torch
+from scipy.special import gammaln
 
 from pyro_totalvi.distributions import NegativeBinomial, NegativeBinomialMixture, log_nb
 
