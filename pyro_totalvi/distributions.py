@@ -51,16 +51,16 @@ class _LogGammaRatio(torch.autograd.Function):
     difference of large numbers, so float32 keeps its accuracy at any ``theta`` (the Poisson
     limit included). Below, the log-gammas as they are. One Function with a hand-written
     backward rather than autograd through both branches: these log-gammas and their gradients
-    (digamma) were the most expensive kernels of a training step. The ``theta``-only inputs
-    (``big = max(theta, 10)``, ``lgamma``, ``log``, ``S``, ``digamma``, ``S'``) are computed once
-    per gene by :func:`_per_theta` and gathered.
+    (digamma) were the most expensive kernels of a training step. ``per_theta`` holds the
+    ``theta``-only inputs (:func:`_per_theta`), computed once per gene and gathered.
     """
 
     @staticmethod
-    def forward(x, theta, big, lgamma_t, log_t, s_t, digamma_t, ds_t):
+    def forward(x, theta, per_theta):
+        big, inv_big, lgamma_t, log_t, s_t = per_theta[:5]
         z = big + x
         r = z.reciprocal()
-        stirling = torch.log1p(x / big).mul_(z - 0.5).sub_(x)
+        stirling = torch.log1p(x * inv_big).mul_(z - 0.5).sub_(x)
         stirling += r * (1.0 / 12 - r * r * (1.0 / 360))
         stirling -= s_t
         exact = torch.lgamma(x + theta).sub_(lgamma_t).sub_(x * log_t)
@@ -68,33 +68,34 @@ class _LogGammaRatio(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, theta, big, _, _, _, digamma_t, ds_t = inputs
-        ctx.save_for_backward(x, theta, big, digamma_t, ds_t)
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        x, theta, big, digamma_t, ds_t = ctx.saved_tensors
+        x, theta, per_theta = ctx.saved_tensors
+        big, inv_big, _, _, _, digamma_t, ds_t, inv_t = per_theta
         z = big + x
         r2 = z.reciprocal().square_()
-        x_big = x / big
+        x_big = x * inv_big
         # d/dtheta: log1p(x/theta) - (x/theta)(theta - 1/2 + x)/(theta + x) + S'(theta + x) - S'(theta)
-        stirling = torch.log1p(x_big).sub_(x_big.mul_((z - 0.5).div_(z)))
+        stirling = torch.log1p(x_big).sub_(x_big.mul_(0.5 - z).mul_(r2.sqrt()).neg_())
         stirling += r2 * (r2 * (1.0 / 120) - 1.0 / 12)
         stirling -= ds_t
-        exact = torch.digamma(x + theta).sub_(digamma_t).sub_(x / theta)
-        d_theta = grad * torch.where(theta < _STIRLING_THETA, exact, stirling)
-        return None, d_theta, None, None, None, None, None, None
+        exact = torch.digamma(x + theta).sub_(digamma_t).sub_(x * inv_t)
+        return None, grad * torch.where(theta < _STIRLING_THETA, exact, stirling), None
 
 
-def _per_theta(theta: torch.Tensor) -> list[torch.Tensor]:
-    """The ``theta``-only inputs of :class:`_LogGammaRatio` (no gradient: its backward uses
-    ``digamma`` and ``S'`` instead)."""
+def _per_theta(theta: torch.Tensor) -> torch.Tensor:
+    """The ``theta``-only inputs of :class:`_LogGammaRatio`, stacked in the first dimension:
+    ``max(theta, 10)``, its inverse, ``lgamma``, ``log``, ``S``, ``digamma``, ``S'`` and ``1 /
+    theta`` (no gradient: the backward uses ``digamma`` and ``S'``)."""
     with torch.no_grad():
         big = theta.clamp_min(_STIRLING_THETA)  # the branch torch.where leaves out stays finite
         r = big.reciprocal()
         s = r * (1.0 / 12 - r * r * (1.0 / 360))
         ds = -r * r * (1.0 / 12 - r * r * (1.0 / 120))
-        return [big, torch.lgamma(theta), torch.log(theta), s, torch.digamma(theta), ds]
+        return torch.stack([big, r, torch.lgamma(theta), torch.log(theta), s,
+                            torch.digamma(theta), ds, theta.reciprocal()])
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,7 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 def _gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) - x log(theta)``, elementwise (zero
     where ``x == 0``)."""
-    return _LogGammaRatio.apply(x, theta, *_per_theta(theta)) - torch.lgamma(x + 1)
+    return _LogGammaRatio.apply(x, theta, _per_theta(theta)) - torch.lgamma(x + 1)
 
 
 def _sparse_gamma_terms(x: torch.Tensor, theta: torch.Tensor, shape: torch.Size):
@@ -120,16 +121,17 @@ def _sparse_gamma_terms(x: torch.Tensor, theta: torch.Tensor, shape: torch.Size)
     record, else from a scan."""
     nz = _flat_nonzero(x, shape)
     xn = torch.take(x.expand(shape), nz)
+    per_theta = _per_theta(theta)
     if theta.numel() == 1 or theta.shape[-1:] == shape[-1:] == (theta.numel(),):
-        feature = nz % shape[-1]  # one theta per gene (or one for all): per-gene values gathered
-
-        def gather(t):
-            return t.reshape(-1).expand(shape[-1])[feature]
+        # one theta per gene (or one for all): the per-gene values in one gather
+        feature = nz % shape[-1]
+        thn = theta.reshape(-1).expand(shape[-1])[feature]
+        per_n = per_theta.reshape(len(per_theta), -1).expand(-1, shape[-1]).index_select(
+            1, feature)
     else:
-        def gather(t):
-            return torch.take(t.expand(shape), nz)
-    per_theta = [gather(t) for t in _per_theta(theta)]
-    values = _LogGammaRatio.apply(xn, gather(theta), *per_theta) - torch.lgamma(xn + 1)
+        thn = torch.take(theta.expand(shape), nz)
+        per_n = torch.stack([torch.take(t.expand(shape), nz) for t in per_theta])
+    values = _LogGammaRatio.apply(xn, thn, per_n) - torch.lgamma(xn + 1)
     return nz, values
 
 
