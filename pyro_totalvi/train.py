@@ -462,7 +462,8 @@ class Trainer:
             "n_steps_kl_warmup=%d steps): the model is not yet fitted to the full ELBO. Train "
             "for at least %d epochs (max_epochs; %d steps per epoch here), or shorten the "
             "warm-up to the steps this run took (n_steps_kl_warmup=%d or fewer).",
-            weight, self.step, n_warmup, math.ceil(n_warmup / per_epoch), per_epoch, self.step)
+            weight, self.step, n_warmup, math.ceil(n_warmup / per_epoch), per_epoch,
+            max(1, self.step - 1))  # the weight of step i (from 0) is i / n_steps_kl_warmup
 
 
 def train(
