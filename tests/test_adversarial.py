@@ -10,6 +10,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_totalvi import TOTALVI, simulate
 from pyro_totalvi.adversarial import AdversarialClassifier, watch_latent
+from pyro_totalvi.checkpoint import load_checkpoint
 from pyro_totalvi.rng import rng_scope
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,9 +79,13 @@ def test_classifier_learns_the_batch_from_z():
     assert accuracy > 0.85, accuracy  # the Bayes classifier gets about 0.77... 0.93 here
 
 
-def test_default_follows_scvi_tools_rule(adata):
-    assert not TOTALVI(adata, n_latent=4, n_hidden=16).default_adversarial()  # all measured
-    assert TOTALVI(_panels(), n_latent=4, n_hidden=16).default_adversarial()
+def test_scvi_tools_rule_and_our_default(adata, tmp_path):
+    assert not TOTALVI(adata, n_latent=4, n_hidden=16).scvi_adversarial_rule()  # all measured
+    m = TOTALVI(_panels(), n_latent=4, n_hidden=16)
+    assert m.scvi_adversarial_rule()
+    m.train(max_epochs=1, progress_bar=False, checkpoint_dir=tmp_path)  # None: off (measured)
+    state = load_checkpoint(tmp_path)
+    assert state["adversary"] is None and state["settings"]["adversarial_classifier"] is False
 
 
 def test_one_batch_trains_no_classifier(caplog):
