@@ -84,6 +84,9 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would (0644 with the
+        # usual umask 022), as every other result file gets.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -93,6 +96,13 @@ def atomic_write(path: Path, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_checkpoint(directory: Path, payload: dict) -> None:
@@ -123,7 +133,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
 def check_resumable(state: dict, path, data_fp: dict, module_cfg: dict, settings: dict) -> None:
     """Refuse to resume with other data, another architecture or other training settings."""
     saved = state["data"]
-    saved_settings = {"world_size": 1, **state["settings"]}  # written before world_size existed
+    # settings added since the first checkpoints, with the value they had before
+    saved_settings = {"world_size": 1, "adversarial_classifier": False, **state["settings"]}
     if any(saved[k] != data_fp[k] for k in ("n_obs", "n_genes", "n_proteins", "n_batches")):
         raise TotalVIDataError(
             f"checkpoint {path} was written for data of {saved['n_obs']} cells x "

@@ -25,8 +25,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from tqdm.auto import tqdm
 
 from .data import TotalVIDataError
+from .rng import rng_scope
 
 __all__ = ["DEMixin", "fdr_calls"]
 
@@ -82,6 +84,7 @@ class DEMixin:
         n_samples: int = 5000,
         all_stats: bool = True,
         seed: int = 0,
+        silent: bool = False,
     ) -> pd.DataFrame:
         """Differential expression of genes and proteins; see the module docstring for the math.
 
@@ -101,6 +104,11 @@ class DEMixin:
             Added to protein and gene expression before the log fold change.
         n_samples
             Posterior draws per group.
+        seed
+            Seeds the draws (the caller's random generators are left as they were).
+        silent
+            ``False``: a progress bar over the comparisons (one per group with
+            ``group1=None``).
 
         Returns
         -------
@@ -119,12 +127,14 @@ class DEMixin:
         codes = (list(range(self.module.n_batches)) if batch_correction else [None])
         self.module.eval()
         tables = []
-        for name1, name2, cells1, cells2 in comparisons:
-            torch.manual_seed(seed)
-            s1 = self._scale_samples(data, cells1, n_samples, codes, protein_prior_count,
-                                     pseudocount)
-            s2 = self._scale_samples(data, cells2, n_samples, codes, protein_prior_count,
-                                     pseudocount)
+        bar = tqdm(comparisons, desc="Differential expression", unit="comparison",
+                   disable=silent or len(comparisons) < 2)
+        for name1, name2, cells1, cells2 in bar:
+            with rng_scope(seed):  # same seed, same table; the caller's generators untouched
+                s1 = self._scale_samples(data, cells1, n_samples, codes, protein_prior_count,
+                                         pseudocount)
+                s2 = self._scale_samples(data, cells2, n_samples, codes, protein_prior_count,
+                                         pseudocount)
             rng = np.random.default_rng(seed)
             # random pairing of the two groups' draws
             lfc = s1[rng.permutation(n_samples)] - s2[rng.permutation(n_samples)]

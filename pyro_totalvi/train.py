@@ -13,6 +13,7 @@ learning-rate schedule and early stopping, and the checkpoint. Evaluation lives 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -20,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from tqdm.auto import tqdm
 
 from . import distributed as ddp
+from .adversarial import AdversarialClassifier, watch_latent
 from .checkpoint import (
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
@@ -40,6 +41,7 @@ from .checkpoint import (
 from .data import CiteData, TotalVIDataError
 from .device import module_device, resolve_device
 from .model import TotalVIModule
+from .rng import rng_scope, seed_torch
 from .scoring import elbo_terms, evaluate
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "TrainingDivergedError",
     "default_max_epochs",
     "make_elbo",
+    "make_adam",
     # kept importable from here for existing code: they live in checkpoint, device and scoring
     "CHECKPOINT_NAME",
     "load_checkpoint",
@@ -56,6 +59,8 @@ __all__ = [
     "evaluate",
     "elbo_terms",
 ]
+
+logger = logging.getLogger("pyro_totalvi")
 
 #: Losses are checked for NaN every this many steps (not every step: reading a loss makes the
 #: CPU wait for a GPU), so a long epoch stops soon after a divergence.
@@ -78,6 +83,16 @@ def make_elbo(module: TotalVIModule):
     if module.protein_mixture == "enumerate":
         return TraceEnum_ELBO(max_plate_nesting=2)
     return Trace_ELBO()
+
+
+def make_adam(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.Adam:
+    """Adam, fused where this torch has a fused Adam for the parameters' device (one kernel for
+    all parameters instead of a loop over 40 tensors: CUDA, and the CPU from torch 2.4 on), else
+    the multi-tensor ``foreach`` implementation."""
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except RuntimeError:  # "`fused=True` requires all the params to be ... supported devices"
+        return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
 def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None,
@@ -130,6 +145,7 @@ class TrainingPlan:
     lr_patience: int = 30
     lr_factor: float = 0.6
     n_steps_kl_warmup: int | None = None
+    adversarial_classifier: bool = False
     world_size: int = 1
 
     def validate(self, n_obs: int) -> None:
@@ -176,12 +192,20 @@ class Trainer:
             ddp.init_distributed()  # no-op if a process group exists; a clear error otherwise
             self.rank, self.world = ddp.get_rank(), ddp.get_world_size()
         plan.world_size = self.world
+        if plan.adversarial_classifier and module.n_batches < 2:
+            logger.warning("adversarial_classifier=True but the data have one batch: there is "
+                           "nothing to mix, so no classifier is trained.")
+            plan.adversarial_classifier = False
         self.max_epochs = default_max_epochs(data.n_obs) if max_epochs is None else int(max_epochs)
         self.progress_bar = progress_bar
         self.checkpoint_every = int(checkpoint_every)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        # The split and the minibatch order; draws inside the model and guide come from the
+        # global generators, seeded in run() and restored afterwards (see pyro_totalvi.rng).
         self.rng = np.random.default_rng(plan.seed)
-        pyro.set_rng_seed(plan.seed)
+        self.resumed_rng: dict | None = None
+        self.adversary: AdversarialClassifier | None = None  # made in run(), from seeded draws
+        self.resumed_adversary: dict | None = None
         self._split()
         self._make_optimizer()
         self.history: list[dict] = []
@@ -216,14 +240,23 @@ class Trainer:
     def _make_optimizer(self) -> None:
         plan = self.plan
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        # fused: one kernel for all parameters instead of a Python loop over 40 tensors.
-        self.optimizer = torch.optim.Adam(self.params, lr=plan.lr, weight_decay=plan.weight_decay,
-                                          eps=plan.eps, fused=True)
+        self.optimizer = make_adam(self.params, lr=plan.lr, weight_decay=plan.weight_decay,
+                                   eps=plan.eps)
         self.scheduler = None
         if plan.reduce_lr_on_plateau and len(self.val_idx):
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, mode="min", factor=plan.lr_factor, patience=plan.lr_patience,
                 threshold=0.0, threshold_mode="abs")
+
+    def _make_adversary(self) -> None:
+        """The adversarial batch classifier (see :mod:`pyro_totalvi.adversarial`)."""
+        self.adversary = AdversarialClassifier(
+            self.module.n_latent, self.module.n_batches, self.plan.weight_decay,
+            module_device(self.module))
+        if self.world > 1:
+            ddp.broadcast_module(self.adversary.classifier)  # rank 0's initial weights
+        if self.resumed_adversary is not None:
+            self.adversary.load_state_dict(self.resumed_adversary)
 
     def _snapshot(self) -> dict:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
@@ -260,7 +293,8 @@ class Trainer:
         split = state["split"]
         self.train_idx, self.val_idx, self.train_probe = (
             split[k].numpy() for k in ("train", "validation", "train_probe"))
-        set_rng_states(self.rng, state["rng"])  # last: the split drew from the seeded RNGs
+        self.resumed_rng = state["rng"]  # set in run(): the global states only inside its scope
+        self.resumed_adversary = state.get("adversary")
 
     def _checkpoint(self, epochs_done: int) -> None:
         data_fp, module_cfg = self.fingerprints
@@ -275,6 +309,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": get_rng_states(self.rng),
+            "adversary": None if self.adversary is None else self.adversary.state_dict(),
             "split": {"train": torch.from_numpy(self.train_idx),
                       "validation": torch.from_numpy(self.val_idx),
                       "train_probe": torch.from_numpy(self.train_probe)},
@@ -290,18 +325,21 @@ class Trainer:
 
     def _step(self, elbo, mb) -> torch.Tensor:
         """One SVI step on minibatch ``mb``; returns the per-cell loss (on the device)."""
-        n_train = len(self.train_idx)
-        loss = elbo.differentiable_loss(
-            self.module.model, self.module.guide, *mb.args(), **mb.kwargs(), idx=mb.idx,
-            n_obs=n_train, kl_weight=self.plan.kl_weight(self.step)) / n_train
+        n_train, kl_weight = len(self.train_idx), self.plan.kl_weight(self.step)
+        with watch_latent(self.adversary, kl_weight) as adversary:  # None: no adversary now
+            loss = elbo.differentiable_loss(
+                self.module.model, self.module.guide, *mb.args(), **mb.kwargs(), idx=mb.idx,
+                n_obs=n_train, kl_weight=kl_weight) / n_train
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if adversary is None else loss + adversary.fool_loss(mb.s)).backward()
         if self.world > 1:
             # Every process joins the all-reduce, even with a NaN loss, so they all see the same
             # averaged loss and stop together. The averaged gradient estimates the same per-cell
             # ELBO gradient (each process's plate scales by n_train / its cells), as DDP would.
             loss = ddp.all_reduce_gradients(self.params, loss)
         self.optimizer.step()
+        if adversary is not None:
+            adversary.classifier_step(mb.s, self.world)
         self.step += 1
         return loss.detach()
 
@@ -310,7 +348,7 @@ class Trainer:
         if self.world > 1:
             # Per process and epoch: different draws on every process, and a resumed run
             # continues exactly (no torch RNG state of rank > 0 to checkpoint).
-            torch.manual_seed(int(np.random.SeedSequence(
+            seed_torch(int(np.random.SeedSequence(
                 [self.plan.seed, epoch, self.rank]).generate_state(1)[0]))
         self.module.train()
         elbo, losses = make_elbo(self.module), []
@@ -375,7 +413,25 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> tuple[pd.DataFrame, dict]:
-        """Train until ``max_epochs`` or early stopping; ``(history, split)`` as :func:`train`."""
+        """Train until ``max_epochs`` or early stopping; ``(history, split)`` as :func:`train`.
+
+        The global random generators are seeded with the plan's seed (or set to the
+        checkpoint's states) for the run and restored afterwards.
+        """
+        with rng_scope(self.plan.seed):
+            if self.plan.adversarial_classifier:
+                self._make_adversary()
+            if self.resumed_rng is not None:
+                # last: the split drew from self.rng before the checkpoint's state replaces it
+                set_rng_states(self.rng, self.resumed_rng)
+            self._run()
+        self._warn_unfinished_warmup()
+        self.module.eval()
+        frame = pd.DataFrame(self.history)
+        frame = frame.set_index("epoch") if len(frame) else frame.rename_axis("epoch")
+        return frame, {"train": self.train_idx, "validation": self.val_idx}
+
+    def _run(self) -> None:
         epochs = range(self.start_epoch, self.max_epochs) if not self.stopped else range(0)
         bar = tqdm(epochs, desc="Training", disable=not self.progress_bar or self.rank != 0,
                    unit="epoch", initial=self.start_epoch,
@@ -392,10 +448,22 @@ class Trainer:
                 self._checkpoint(epoch + 1)
             if self.stopped:
                 break
-        self.module.eval()
-        frame = pd.DataFrame(self.history)
-        frame = frame.set_index("epoch") if len(frame) else frame.rename_axis("epoch")
-        return frame, {"train": self.train_idx, "validation": self.val_idx}
+
+    def _warn_unfinished_warmup(self) -> None:
+        """A run that ends during the KL warm-up fitted a down-weighted prior: say so, and how
+        to finish it."""
+        n_warmup = self.plan.n_steps_kl_warmup
+        weight = self.plan.kl_weight(self.step - 1)
+        if not self.step or weight >= 1.0 or self.rank != 0:
+            return
+        per_epoch = max(1, math.ceil(len(self.train_idx) / (self.plan.batch_size * self.world)))
+        logger.warning(
+            "training ended during the KL warm-up (KL weight %.2f after %d of "
+            "n_steps_kl_warmup=%d steps): the model is not yet fitted to the full ELBO. Train "
+            "for at least %d epochs (max_epochs; %d steps per epoch here), or shorten the "
+            "warm-up to the steps this run took (n_steps_kl_warmup=%d or fewer).",
+            weight, self.step, n_warmup, math.ceil(n_warmup / per_epoch), per_epoch,
+            max(1, self.step - 1))  # the weight of step i (from 0) is i / n_steps_kl_warmup
 
 
 def train(
@@ -413,6 +481,7 @@ def train(
     lr_patience: int = 30,
     lr_factor: float = 0.6,
     n_steps_kl_warmup: int | None = None,
+    adversarial_classifier: bool = False,
     seed: int = 0,
     progress_bar: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -441,6 +510,9 @@ def train(
         improvement of the validation ELBO.
     n_steps_kl_warmup
         Linear KL warm-up on ``z`` and ``beta`` over this many steps; default ``0.75 * n_cells``.
+    adversarial_classifier
+        Train an adversarial batch classifier on ``z`` during the KL warm-up, as scvi-tools
+        (:mod:`pyro_totalvi.adversarial`); needs at least 2 batches.
     seed
         Seeds the split, the minibatch order and every draw: same seed, same result.
     checkpoint_dir, checkpoint_every
@@ -473,6 +545,6 @@ def train(
     """
     plan = TrainingPlan(seed, lr, weight_decay, eps, batch_size, train_size, early_stopping,
                         early_stopping_patience, reduce_lr_on_plateau, lr_patience, lr_factor,
-                        n_steps_kl_warmup)
+                        n_steps_kl_warmup, bool(adversarial_classifier))
     return Trainer(module, data, plan, max_epochs, progress_bar, checkpoint_dir,
                    checkpoint_every, resume, strategy).run()

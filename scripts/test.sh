@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
-.venv/bin/python -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
+# No Jupyter kernel is installed: tests/test_tutorials.py registers one for this .venv's Python
+# in a temporary Jupyter path, so the user's own kernels are never touched.
 .venv/bin/python -m pytest -q "$@"

@@ -1,5 +1,8 @@
 """Checkpoints: atomic writes, exact resume after an interruption, refusal of mismatched runs."""
 
+import os
+import stat
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -167,3 +170,18 @@ def test_save_overwrite_leaves_no_stale_history_or_temp_files(adata, tmp_path):
     _model(adata).save(tmp_path / "m", overwrite=True)  # untrained: no history
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["params.pt", "settings.json"]
     assert TOTALVI.load(tmp_path / "m", adata).history is None
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_get_the_mode_the_umask_gives(adata, tmp_path, umask, mode):
+    """As open() would make them (a private temporary file is renamed into place)."""
+    before = os.umask(umask)
+    try:
+        m = _model(adata).train(max_epochs=1, checkpoint_dir=tmp_path / "ckpt", **KW)
+        m.save(tmp_path / "model")
+    finally:
+        os.umask(before)
+    files = [tmp_path / "ckpt" / CHECKPOINT_NAME] + sorted((tmp_path / "model").iterdir())
+    assert {p.name for p in files} >= {CHECKPOINT_NAME, "settings.json", "params.pt"}
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path

@@ -9,6 +9,8 @@ Baselines, for proteins hidden in one batch and imputed from the batch that meas
   20 principal components of ``log1p`` normalised RNA, fitted on the measuring batch's cells.
 """
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -56,6 +58,29 @@ def test_batch_mask_is_registered_and_used_instead_of_detection(tmp_path):
     a.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad")
     np.testing.assert_array_equal(CiteData(back).protein_measured, data.protein_measured)
+
+
+def test_masked_proteins_are_warned_about(caplog):
+    """Visible by default (WARNING), one line per batch naming the proteins and why."""
+    a = _small()
+    b1 = (a.obs["batch"] == "batch_1").to_numpy()
+    a.obsm["protein_expression"].loc[b1, ["protein_2", "protein_4"]] = 0
+    TOTALVI.setup_anndata(a, batch_key="batch")
+    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
+        TOTALVI(a, n_latent=4, n_hidden=16)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "batch 'batch_1': 2 of 6 proteins treated as not measured (all zero in every cell "
+        "there; pass protein_mask to say which were measured): protein_2, protein_4")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
+        b = _small()
+        TOTALVI.setup_anndata(b, batch_key="batch", protein_mask=_mask_frame(b, ["protein_1"]))
+        TOTALVI(b, n_latent=4, n_hidden=16)
+    assert [r.getMessage() for r in caplog.records] == [
+        "batch 'batch_1': 1 of 6 proteins treated as not measured (as protein_mask says): "
+        "protein_1"]
 
 
 def test_array_mask_and_obsm_mask():

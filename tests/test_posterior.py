@@ -144,6 +144,14 @@ def test_differential_expression_finds_planted_features(fitted):
     assert sorted(one_vs_rest["group1"].unique()) == ["group_0", "group_1", "group_2", "group_3"]
 
 
+def test_differential_expression_shows_progress_per_group_unless_silent(fitted, capsys):
+    fitted.differential_expression(groupby="group", n_samples=20)
+    err = capsys.readouterr().err
+    assert "Differential expression" in err and "4/4" in err  # one step per group
+    fitted.differential_expression(groupby="group", n_samples=20, silent=True)
+    assert "Differential expression" not in capsys.readouterr().err
+
+
 def test_fdr_calls_control_expected_false_discoveries():
     p = np.array([0.99, 0.2, 0.97, 0.5, 0.999, 0.9])
     calls = fdr_calls(p, 0.05)

@@ -1,7 +1,13 @@
 """Training on simulated and real data, history, divergence, reproducibility, save/load."""
 
+import copy
+import json
+import logging
+import random
+
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -151,3 +157,63 @@ def test_module_subclass_trains_saves_and_loads(adata, tmp_path):
         TOTALVI.load(tmp_path / "ext", adata.copy())  # the base class has no such parameter
     loaded = TOTALVI.load(tmp_path / "ext", adata.copy(), module_class=Extended)
     np.testing.assert_array_equal(loaded.get_latent_representation(), m.get_latent_representation())
+
+
+def _global_rng_states():
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _assert_same_rng_states(a, b):
+    assert torch.equal(a[0], b[0])
+    assert a[1][0] == b[1][0] and np.array_equal(a[1][1], b[1][1]) and a[1][2:] == b[1][2:]
+    assert a[2] == b[2]
+
+
+def test_train_and_de_leave_the_global_generators_alone(adata):
+    """Seeded work runs on its own streams: the caller's torch, numpy and random states are
+    as before, and the result does not depend on them."""
+    runs = []
+    for user_seed in (1, 2):
+        torch.manual_seed(user_seed)
+        np.random.seed(user_seed)
+        random.seed(user_seed)
+        before = _global_rng_states()
+        m = TOTALVI(adata, n_latent=5, n_hidden=32, seed=3)
+        m.train(max_epochs=2, seed=7, progress_bar=False)
+        _assert_same_rng_states(before, _global_rng_states())
+        de = m.differential_expression(groupby="group", group1="group_0", n_samples=50,
+                                       silent=True)
+        _assert_same_rng_states(before, _global_rng_states())
+        runs.append((m.history, de))
+    pd.testing.assert_frame_equal(runs[0][0], runs[1][0], check_exact=True)
+    pd.testing.assert_frame_equal(runs[0][1], runs[1][1], check_exact=True)
+
+
+def test_warning_when_training_ends_during_the_kl_warmup(adata, caplog):
+    m = TOTALVI(adata, n_latent=5, n_hidden=32)
+    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
+        m.train(max_epochs=2, seed=0, progress_bar=False)  # 2 x 3 steps of 450
+    (record,) = [r for r in caplog.records if "KL warm-up" in r.getMessage()]
+    text = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert "KL weight 0.01 after 6 of n_steps_kl_warmup=450 steps" in text, text
+    assert "at least 150 epochs" in text and "n_steps_kl_warmup=5 or fewer" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
+        TOTALVI(adata, n_latent=5, n_hidden=32).train(max_epochs=2, seed=0, progress_bar=False,
+                                                     n_steps_kl_warmup=5)
+    assert not [r for r in caplog.records if "KL warm-up" in r.getMessage()]
+
+
+def test_load_leaves_the_users_registration_alone(trained, tmp_path):
+    trained.save(tmp_path / "m")
+    a = trained.adata.copy()
+    TOTALVI.setup_anndata(a, batch_key="batch")
+    registration = a.uns["_pyro_totalvi"]
+    snapshot = copy.deepcopy(dict(registration))
+    loaded = TOTALVI.load(tmp_path / "m", a)
+    assert a.uns["_pyro_totalvi"] is registration
+    assert json.dumps(dict(a.uns["_pyro_totalvi"]), sort_keys=True, default=str) == json.dumps(
+        snapshot, sort_keys=True, default=str)
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  trained.get_latent_representation())

@@ -1,5 +1,8 @@
 """The teaching notebooks in tutorials/ run from top to bottom (fast mode) without a cell error."""
 
+import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +16,35 @@ EXPECTED = ["01_model_from_equations", "02_cite_seq_analysis", "03_extending_the
             "04_predictive_checks"]
 
 
-def execute(path: Path) -> nbformat.NotebookNode:
-    """Run ``path`` in a fresh python3 kernel with tutorials/ as working directory.
+KERNEL = "pyro-totalvi-tests"
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """A Jupyter kernel of the Python running the tests (its packages, its PYTHONPATH), under a
+    project-specific name in a temporary Jupyter path: no kernel the user (or a setup script)
+    installed is used or changed, and a fresh clone needs none."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python (pyro_totalvi tests)", "language": "python"}))
+    with pytest.MonkeyPatch.context() as mp:
+        # JUPYTER_PATH comes first in the kernel search path
+        mp.setenv("JUPYTER_PATH", os.pathsep.join(
+            p for p in (str(root), os.environ.get("JUPYTER_PATH")) if p))
+        yield KERNEL
+
+
+def execute(path: Path, kernel: str) -> nbformat.NotebookNode:
+    """Run ``path`` in a fresh ``kernel`` with tutorials/ as working directory.
 
     nbclient raises ``CellExecutionError`` (with the cell's source and traceback) on the first
     cell that fails, and ``CellTimeoutError`` on a cell running over 600 s.
     """
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name=kernel,
                                      resources={"metadata": {"path": str(TUTORIALS)}})
     client.execute()
     return nb
@@ -58,16 +82,24 @@ def test_tutorial_structure_and_saved_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_tutorial_executes(path, monkeypatch):
+def test_tutorial_executes(path, monkeypatch, kernel):
     monkeypatch.setenv("PYRO_TOTALVI_FAST", "1")
-    execute(path)
+    execute(path, kernel)
 
 
 @pytest.mark.slow
-def test_cite_seq_tutorial_skips_cleanly_without_data(tmp_path, monkeypatch):
+def test_cite_seq_tutorial_skips_cleanly_without_data(tmp_path, monkeypatch, kernel):
     """Without the real data file the notebook says so and every later cell is a no-op."""
     monkeypatch.setenv("PYRO_TOTALVI_FAST", "1")
     monkeypatch.setenv("PYRO_TOTALVI_DATA_DIR", str(tmp_path))
-    nb = execute(TUTORIALS / "02_cite_seq_analysis.ipynb")
+    nb = execute(TUTORIALS / "02_cite_seq_analysis.ipynb", kernel)
     assert "The rest of this notebook is skipped" in stdout(nb)
     assert "reading" not in stdout(nb)
+
+
+def test_kernel_is_this_python(kernel):
+    """The kernel the notebooks run in is found under its own name and runs this Python."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(kernel)
+    assert spec.argv[0] == sys.executable
