@@ -281,6 +281,10 @@ def test_mudata_query(cells):
     model.train(max_epochs=1, batch_size=64, progress_bar=False)
     query = mudata_of(_part(cells, ["batch_1"]))
     query.mod["prot"] = query.mod["prot"][:, 2:].copy()  # measured a subset
+    names = TOTALVI.prepare_query_mudata(query, model, return_reference_var_names=True)
+    assert list(names) == ["rna", "prot"] and len(names["prot"]) == 8
+    copy = TOTALVI.prepare_query_mudata(query, model, inplace=False)
+    assert copy.mod["prot"].n_vars == 8 and query.mod["prot"].n_vars == 6
     TOTALVI.prepare_query_mudata(query, model)
     assert list(query.mod["prot"].var_names) == [f"protein_{i}" for i in range(8)]
     q = TOTALVI.load_query_data(query, model)
@@ -414,3 +418,28 @@ def test_scale_encoder_input_is_scvi_tools_input(adata):
                                np.log(1 + y / (1 + y.mean(1, keepdims=True)))], axis=1)
     np.testing.assert_allclose(seen[0].numpy(), expected, rtol=1e-5)
     assert m.init_params["scale_encoder_input"] is True
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_our_side(tmp_path):
+    """Keeps benchmarks/query_mapping.py in step with the API (2 epochs, our sides only)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import shared_file
+
+    shared_file("bmmc_cite_starter.h5ad")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "q.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "query_mapping.py"), "--splits", "bmmc",
+         "--sides", "ours", "ours_scaled", "--ref-epochs", "2", "--query-epochs", "2",
+         "--out-json", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["bmmc"]
+    assert set(res) == {"kNN on RNA PCs", "ours", "ours_scaled"}
+    run = res["ours"]["0"]
+    assert len(run["per_protein"]) == 134 and 0 <= run["label_agreement"] <= 1
+    assert -1 <= run["median_corr"] <= 1
