@@ -15,7 +15,7 @@ import torch
 from anndata import AnnData
 
 from . import distributed
-from .checkpoint import atomic_write
+from .checkpoint import MODEL_FORMAT_VERSION, atomic_write, read_saved_model
 from .data import (
     REGISTRY_KEY,
     CiteData,
@@ -34,16 +34,21 @@ from .device import module_device, resolve_device
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
 from .rng import rng_scope
+from .query import QueryMixin
 from .train import train
 
 __all__ = ["TOTALVI"]
 
 logger = logging.getLogger("pyro_totalvi")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = MODEL_FORMAT_VERSION
+
+#: ``train(plan_kwargs=...)`` keys (scvi-tools' training-plan settings) that :func:`train` takes.
+PLAN_KEYS = ("lr", "weight_decay", "eps", "n_steps_kl_warmup", "reduce_lr_on_plateau",
+             "lr_patience", "lr_factor")
 
 
-class TOTALVI(PosteriorMixin, DEMixin):
+class TOTALVI(QueryMixin, PosteriorMixin, DEMixin):
     """totalVI on AnnData: register with :meth:`setup_anndata`, then ``TOTALVI(adata).train()``.
 
     Parameters
@@ -71,8 +76,10 @@ class TOTALVI(PosteriorMixin, DEMixin):
         ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``,
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
         the covariates, as in scvi-tools), ``protein_warmup`` (default ``True``: the KL warm-up
-        weight also multiplies the protein likelihood, as in scvi-tools 1.4) and
-        ``background_preference``; see :class:`~pyro_totalvi.TotalVIModule`.
+        weight also multiplies the protein likelihood, as in scvi-tools 1.4),
+        ``background_preference`` and ``scale_encoder_input`` (default ``False``; ``True``: the
+        encoder's input is scaled per cell as scvi-tools 1.4 does, which maps RNA-only queries
+        much better); see :class:`~pyro_totalvi.TotalVIModule`.
 
     Examples
     --------
@@ -269,9 +276,16 @@ class TOTALVI(PosteriorMixin, DEMixin):
         accelerator: str = "auto",
         device: int | str | torch.device = "auto",
         adversarial_classifier: bool | None = None,
+        plan_kwargs: dict | None = None,
         **kwargs,
     ) -> TOTALVI:
         """Train by minibatch SVI; see :func:`pyro_totalvi.train.train` for ``**kwargs``.
+
+        ``plan_kwargs``: scvi-tools' training-plan settings, e.g. ``dict(weight_decay=0.0)``
+        (as for a query model, :meth:`load_query_data`); the keys ``lr``, ``weight_decay``,
+        ``eps``, ``n_steps_kl_warmup``, ``reduce_lr_on_plateau``, ``lr_patience`` and
+        ``lr_factor`` are passed to :func:`~pyro_totalvi.train.train` (``lr`` there replaces
+        the ``lr`` argument).
 
         The per-epoch history (ELBO, reconstruction, KL on training and validation cells) is
         stored in :attr:`history`.
@@ -298,6 +312,11 @@ class TOTALVI(PosteriorMixin, DEMixin):
         (``benchmarks/adversarial.py``, README "Adversarial batch classifier") it lowered the
         imputation of the missing proteins and mixed batches only on one of them.
         """
+        unknown = sorted(set(plan_kwargs or {}) - set(PLAN_KEYS))
+        if unknown:
+            raise ValueError(f"plan_kwargs {unknown} are not supported; known: {list(PLAN_KEYS)}")
+        kwargs = {**(plan_kwargs or {}), **kwargs}
+        lr = kwargs.pop("lr", lr)
         if strategy == "ddp":
             distributed.init_distributed()  # first: it picks this process's GPU (LOCAL_RANK)
         self.module.to(resolve_device(accelerator, device))
@@ -402,10 +421,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
         """
         path = Path(dir_path)
         user_registry = adata.uns.get(REGISTRY_KEY)  # put back afterwards, untouched
-        settings = json.loads((path / "settings.json").read_text())
-        if settings.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {settings.get('format_version')}; this "
-                             f"pyro_totalvi reads version {FORMAT_VERSION}")
+        settings, params = read_saved_model(path)
         reg = settings["registry"]
         if is_mudata(adata):
             if "mudata" not in reg:
@@ -441,8 +457,7 @@ class TOTALVI(PosteriorMixin, DEMixin):
             if user_registry is not None:
                 adata.uns[REGISTRY_KEY] = user_registry
         model.init_params = settings["init_params"]
-        model.module.load_state_dict(torch.load(path / "params.pt", weights_only=True,
-                                                map_location="cpu"))
+        model.module.load_state_dict(params)
         model.module.to(resolve_device(accelerator, device))
         model.module.eval()
         model.is_trained = settings["is_trained"]

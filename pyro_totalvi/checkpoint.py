@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,11 +23,13 @@ from .data import CiteData, TotalVIDataError
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_VERSION", "atomic_write", "data_fingerprint",
            "module_config", "get_rng_states", "set_rng_states", "write_checkpoint",
-           "load_checkpoint", "check_resumable"]
+           "load_checkpoint", "check_resumable", "MODEL_FORMAT_VERSION", "read_saved_model"]
 
 #: File name of the checkpoint inside ``checkpoint_dir``; each checkpoint replaces the last.
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+#: Version of a saved model's ``settings.json`` (:meth:`pyro_totalvi.TOTALVI.save`).
+MODEL_FORMAT_VERSION = 1
 
 
 def data_fingerprint(data: CiteData) -> dict:
@@ -103,6 +106,20 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def read_saved_model(dir_path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``settings.json`` (format version checked) and the parameters (on the CPU) of a model that
+    :meth:`pyro_totalvi.TOTALVI.save` wrote to ``dir_path``."""
+    path = Path(dir_path)
+    if not (path / "settings.json").is_file():
+        raise FileNotFoundError(f"{path} holds no saved model (no settings.json); save one with "
+                                "model.save(dir_path)")
+    settings = json.loads((path / "settings.json").read_text())
+    if settings.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {settings.get('format_version')}; this "
+                         f"pyro_totalvi reads version {MODEL_FORMAT_VERSION}")
+    return settings, torch.load(path / "params.pt", weights_only=True, map_location="cpu")
 
 
 def write_checkpoint(directory: Path, payload: dict) -> None:

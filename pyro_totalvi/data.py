@@ -358,11 +358,14 @@ def register_anndata(
     protein_mask=None,
     categorical_covariate_keys=None,
     continuous_covariate_keys=None,
+    proteins_optional: bool = False,
 ) -> dict:
     """Validate ``adata`` and write the registry ``adata.uns["_pyro_totalvi"]``.
 
     Only that one ``uns`` entry is written; counts and ``obs`` are left untouched. See
-    :meth:`pyro_totalvi.TOTALVI.setup_anndata` for the arguments.
+    :meth:`pyro_totalvi.TOTALVI.setup_anndata` for the arguments. ``proteins_optional``: an
+    ``adata`` without the protein table is accepted (an RNA-only query of a reference model,
+    :mod:`pyro_totalvi.query`); its registry then has ``protein_names = None``.
     """
     if adata.n_obs == 0:
         raise TotalVIDataError("adata has no cells (n_obs == 0).")
@@ -376,9 +379,11 @@ def register_anndata(
                           non_integer)
     else:
         _check_counts(X, adata.obs_names, adata.var_names, f"RNA counts ({what})", non_integer)
-    y, protein_names = _get_protein(adata, protein_expression_obsm_key)
-    _check_counts(y, adata.obs_names, protein_names,
-                  f"protein counts (adata.obsm[{protein_expression_obsm_key!r}])", non_integer)
+    protein_names = None
+    if not proteins_optional or protein_expression_obsm_key in adata.obsm:
+        y, protein_names = _get_protein(adata, protein_expression_obsm_key)
+        _check_counts(y, adata.obs_names, protein_names,
+                      f"protein counts (adata.obsm[{protein_expression_obsm_key!r}])", non_integer)
     totals = np.asarray(X.sum(axis=1)).ravel()
     empty = np.flatnonzero(totals <= 0)
     if len(empty):
@@ -413,9 +418,10 @@ def register_anndata(
     }
     covariate_matrix(adata, registry)  # NaN / dtype checks of the continuous covariates
     if isinstance(protein_mask, str):
-        _cell_protein_mask(adata, protein_mask, protein_names)  # validate now
+        if protein_names is not None:
+            _cell_protein_mask(adata, protein_mask, protein_names)  # validate now
         registry["protein_mask_obsm_key"] = protein_mask
-    elif protein_mask is not None:
+    elif protein_mask is not None and protein_names is not None:
         registry["protein_mask"] = _batch_protein_mask(protein_mask, categories,
                                                        protein_names).tolist()
     adata.uns[REGISTRY_KEY] = registry
@@ -426,13 +432,15 @@ def register_like(adata: AnnData, registry: dict) -> dict:
     """Register ``adata`` with the settings of another registry (e.g. a saved model's).
 
     A batches x proteins ``protein_mask`` is not re-validated here (``adata`` may hold a subset of
-    the batches): install the other registry afterwards, as :meth:`TOTALVI.load` does.
+    the batches): install the other registry afterwards, as :meth:`TOTALVI.load` does. A mapped
+    query model's registry (``proteins_optional``) accepts an ``adata`` without proteins.
     """
     return register_anndata(
         adata, registry["protein_expression_obsm_key"], registry["batch_key"], registry["layer"],
         protein_mask=registry.get("protein_mask_obsm_key"),
         categorical_covariate_keys=registry_keys(registry, "categorical_covariate_keys"),
         continuous_covariate_keys=registry_keys(registry, "continuous_covariate_keys"),
+        proteins_optional=bool(registry.get("proteins_optional")),
     )
 
 
@@ -670,14 +678,21 @@ class CiteData:
         else:
             X = _get_rna(adata, registry["layer"])
             self.X = _uniform_index_csr(X) if sp.issparse(X) else np.asarray(X)
-        y, names = _get_protein(adata, registry["protein_expression_obsm_key"])
+        key = registry["protein_expression_obsm_key"]
         protein_names = [str(p) for p in registry["protein_names"]]
-        if list(names) != protein_names:
-            raise TotalVIDataError(
-                f"proteins differ from the training data: expected {len(protein_names)}"
-                f" proteins {protein_names[:5]}..., got {len(names)} "
-                f"{list(names)[:5]}..."
-            )
+        #: False for an RNA-only query of a mapped model (no protein table; registry
+        #: ``proteins_optional``): every protein then counts as unmeasured in every cell.
+        self.has_proteins = key in adata.obsm or not registry.get("proteins_optional")
+        if self.has_proteins:
+            y, names = _get_protein(adata, key)
+            if list(names) != protein_names:
+                raise TotalVIDataError(
+                    f"proteins differ from the training data: expected {len(protein_names)}"
+                    f" proteins {protein_names[:5]}..., got {len(names)} "
+                    f"{list(names)[:5]}..."
+                )
+        else:
+            y = np.zeros((adata.n_obs, len(protein_names)), dtype=np.float32)
         self.Y = np.ascontiguousarray(y, dtype=np.float32)
         self.batch = batch_codes(adata, registry)
         self.n_batches = len(registry["batch_categories"])
@@ -686,7 +701,9 @@ class CiteData:
         self.cell_protein_mask = None
         mask_key, batch_mask = registry.get("protein_mask_obsm_key"), registry.get("protein_mask")
         measured = np.ones((self.n_batches, self.Y.shape[1]), dtype=bool)
-        if mask_key is not None:  # the user's cells x proteins mask
+        if not self.has_proteins:  # no protein table: nothing measured in these cells' batches
+            measured[np.unique(self.batch)] = False
+        elif mask_key is not None:  # the user's cells x proteins mask
             cell_mask = _cell_protein_mask(adata, str(mask_key), protein_names)
             for b in np.unique(self.batch):
                 measured[b] = cell_mask[self.batch == b].any(axis=0)

@@ -98,6 +98,11 @@ class TotalVIModule(nn.Module):
     background_preference
         Weight ``w`` of a non-model factor ``w log pi`` per cell and protein (see
         :meth:`background_penalty`); 0 removes it. Left out of every reported likelihood.
+    scale_encoder_input
+        Divide each cell's RNA and protein counts by 1 + their mean before the encoder's
+        ``log1p``, as scvi-tools 1.4 does (:class:`~pyro_totalvi.nn.Encoder`); ``False`` (the
+        default): ``log1p`` of the counts. It makes mapping RNA-only queries onto a reference
+        much better (README, "Mapping new data onto a reference").
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class TotalVIModule(nn.Module):
         dropout_rate_decoder: float = 0.2,
         background_preference: float = 1e-3,
         protein_warmup: bool = True,
+        scale_encoder_input: bool = False,
     ):
         super().__init__()
         if protein_mixture not in ("marginal", "enumerate"):
@@ -136,7 +142,8 @@ class TotalVIModule(nn.Module):
 
         self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0,
                                n_hidden, n_layers_encoder, dropout_rate_encoder,
-                               latent_library=not use_observed_lib_size)
+                               latent_library=not use_observed_lib_size,
+                               scale_input=scale_encoder_input)
         self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder)
         self.background_encoder = BackgroundEncoder(n_latent, n_proteins, n_cov, n_hidden,
                                                     dropout_rate_decoder)

@@ -46,6 +46,9 @@ class FCLayers(nn.Module):
         activation: bool = True,
     ):
         super().__init__()
+        #: width of the covariates appended to every layer's input: the last ``n_cov`` input
+        #: columns of each ``Linear`` (what reference mapping pads, :mod:`pyro_totalvi.query`)
+        self.n_cov = n_cov
         widths = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
         self.linears = nn.ModuleList(
             nn.Linear(a + n_cov, b) for a, b in zip(widths[:-1], widths[1:])
@@ -82,10 +85,13 @@ class FCLayers(nn.Module):
 class Encoder(nn.Module):
     """q(z | x, y, s) and, for a latent library, q(l | x, y, s).
 
-    Input is ``log1p(x) ⊕ log1p(y)``; covariates ``s`` are injected in every hidden layer. The
-    library head reads the shared hidden layer (scvi-tools: a separate network on the input).
-    Returns ``(z_loc, z_scale, l_loc, l_scale)``; the last two are ``None`` when the library is
-    observed, so no compute is spent on an unused head.
+    Input is ``log1p(x) ⊕ log1p(y)``, or with ``scale_input`` (as scvi-tools 1.4)
+    ``log1p(x / (1 + mean_g x)) ⊕ log1p(y / (1 + mean_t y))``: each cell's counts divided by 1 +
+    their mean first, which keeps the input of a cell without proteins (a masked, RNA-only
+    batch) closer to what the network saw. Covariates ``s`` are injected in every hidden layer.
+    The library head reads the shared hidden layer (scvi-tools: a separate network on the
+    input). Returns ``(z_loc, z_scale, l_loc, l_scale)``; the last two are ``None`` when the
+    library is observed, so no compute is spent on an unused head.
     """
 
     def __init__(
@@ -98,8 +104,10 @@ class Encoder(nn.Module):
         n_layers: int = 2,
         dropout: float = 0.2,
         latent_library: bool = False,
+        scale_input: bool = False,
     ):
         super().__init__()
+        self.scale_input = scale_input
         self.body = FCLayers(
             n_genes + n_proteins, n_hidden, n_cov, n_layers, n_hidden, dropout=dropout
         )
@@ -112,6 +120,9 @@ class Encoder(nn.Module):
             self.l_log_var = nn.Linear(n_hidden, 1)
 
     def forward(self, x, y, cov):
+        if self.scale_input:
+            x = x / (1 + x.mean(-1, keepdim=True))
+            y = y / (1 + y.mean(-1, keepdim=True))
         h = self.body(torch.cat([torch.log1p(x), torch.log1p(y)], dim=-1), cov)
         # exp + 1e-4 (scvi-tools' var_eps) keeps the posterior scale away from 0.
         z_scale = (self.z_log_var(h).exp() + 1e-4).sqrt()

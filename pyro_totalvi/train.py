@@ -238,10 +238,24 @@ class Trainer:
             ddp.broadcast_module(self.module)
 
     def _make_optimizer(self) -> None:
+        """Adam over the parameters with ``requires_grad``.
+
+        A module may carry ``grad_masks`` (parameter name -> bool tensor, ``True`` = trainable
+        entry; set by reference mapping, :mod:`pyro_totalvi.query`). Those parameters form a
+        second group without Adam's weight decay: :meth:`_mask_gradients` zeroes their frozen
+        entries' gradients and adds the weight decay to the trainable entries only, so Adam's
+        moments of a frozen entry stay 0 and it never moves.
+        """
         plan = self.plan
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = make_adam(self.params, lr=plan.lr, weight_decay=plan.weight_decay,
-                                   eps=plan.eps)
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        masks = getattr(self.module, "grad_masks", None) or {}
+        self.grad_masks = [(p, masks[n].to(p.device)) for n, p in named if n in masks]
+        masked = {id(p) for p, _ in self.grad_masks}
+        groups = [{"params": [p for p in self.params if id(p) not in masked]},
+                  {"params": [p for p, _ in self.grad_masks], "weight_decay": 0.0}]
+        self.optimizer = make_adam([g for g in groups if g["params"]], lr=plan.lr,
+                                   weight_decay=plan.weight_decay, eps=plan.eps)
         self.scheduler = None
         if plan.reduce_lr_on_plateau and len(self.val_idx):
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -337,11 +351,26 @@ class Trainer:
             # averaged loss and stop together. The averaged gradient estimates the same per-cell
             # ELBO gradient (each process's plate scales by n_train / its cells), as DDP would.
             loss = ddp.all_reduce_gradients(self.params, loss)
+        self._mask_gradients()
         self.optimizer.step()
         if adversary is not None:
             adversary.classifier_step(mb.s, self.world)
         self.step += 1
         return loss.detach()
+
+    def _mask_gradients(self) -> None:
+        """Frozen entries of masked parameters get gradient 0 (``where``, so even a NaN there is
+        cleared); trainable ones get Adam's L2 term ``weight_decay * p`` (their group has none)."""
+        for p, mask in self.grad_masks:
+            if p.grad is not None:
+                p.grad = torch.where(mask, p.grad + self.plan.weight_decay * p.detach(), 0.0)
+
+    def _train_mode(self) -> None:
+        """Training mode, except for modules the module lists in ``eval_during_training``
+        (frozen BatchNorm layers of a mapped query: reference running statistics, not updated)."""
+        self.module.train()
+        for name in getattr(self.module, "eval_during_training", ()):
+            self.module.get_submodule(name).eval()
 
     def _run_epoch(self, epoch: int) -> torch.Tensor:
         """The SVI steps of one epoch; their losses (CPU), stopped early after a divergence."""
@@ -350,7 +379,7 @@ class Trainer:
             # continues exactly (no torch RNG state of rank > 0 to checkpoint).
             seed_torch(int(np.random.SeedSequence(
                 [self.plan.seed, epoch, self.rank]).generate_state(1)[0]))
-        self.module.train()
+        self._train_mode()
         elbo, losses = make_elbo(self.module), []
         with self.module.fast_calls():
             for mb in self._minibatches():
