@@ -31,6 +31,7 @@ from .data import (
 )
 from .de import DEMixin
 from .device import module_device, resolve_device
+from .modality import ModalityMixin
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
 from .train import train
@@ -42,7 +43,7 @@ logger = logging.getLogger("pyro_totalvi")
 FORMAT_VERSION = 1
 
 
-class TOTALVI(PosteriorMixin, DEMixin):
+class TOTALVI(PosteriorMixin, DEMixin, ModalityMixin):
     """totalVI on AnnData: register with :meth:`setup_anndata`, then ``TOTALVI(adata).train()``.
 
     Parameters
@@ -70,8 +71,11 @@ class TOTALVI(PosteriorMixin, DEMixin):
         ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``,
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
         the covariates, as in scvi-tools), ``protein_warmup`` (default ``True``: the KL warm-up
-        weight also multiplies the protein likelihood, as in scvi-tools 1.4) and
-        ``background_preference``; see :class:`~pyro_totalvi.TotalVIModule`.
+        weight also multiplies the protein likelihood, as in scvi-tools 1.4),
+        ``background_preference`` and ``modality_weights`` (``{"rna": a, "protein": b}``,
+        default 1 and 1: train on the tempered posterior with the RNA likelihood to the power
+        ``a`` and the protein likelihood to the power ``b``; saved with the model; see
+        :meth:`get_modality_contributions`); see :class:`~pyro_totalvi.TotalVIModule`.
 
     Examples
     --------
@@ -148,6 +152,8 @@ class TOTALVI(PosteriorMixin, DEMixin):
                 background_prior_scale=prior_scale,
                 **network,
             )
+        if "modality_weights" in self.init_params:  # validated floats: JSON-safe in save()
+            self.init_params["modality_weights"] = dict(self.module.modality_weights)
         self.history: pd.DataFrame | None = None
         self.is_trained = False
         self.split: dict | None = None
