@@ -40,8 +40,9 @@ training, so the "withheld" posterior is an extrapolation; *leave-one-out* KL wi
 (:math:`\mathrm{KL}(q(z|x,y) \,\|\, q(z|x,\bar y))` and the same for RNA) credits neither
 modality with information both carry; *integrated gradients* from the same reference (a path
 attribution of :math:`\Delta_n`) costs tens of encoder passes with gradients. On simulated data
-with a known answer the Shapley share separates the two cases as well as the expensive path
-attribution does.
+with the group signal in one modality only, the Shapley share separates the two cases about as
+well as the path attribution (gap in mean protein share 0.50 vs 0.51; leave-one-out KL 0.44;
+zeroed input -0.05, the wrong way round) at a fraction of its cost.
 """
 
 from __future__ import annotations
