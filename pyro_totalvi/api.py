@@ -31,6 +31,7 @@ from .data import (
 )
 from .de import DEMixin
 from .device import module_device, resolve_device
+from .modality import ModalityMixin
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
 from .rng import rng_scope
@@ -48,7 +49,7 @@ PLAN_KEYS = ("lr", "weight_decay", "eps", "n_steps_kl_warmup", "reduce_lr_on_pla
              "lr_patience", "lr_factor")
 
 
-class TOTALVI(QueryMixin, PosteriorMixin, DEMixin):
+class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
     """totalVI on AnnData: register with :meth:`setup_anndata`, then ``TOTALVI(adata).train()``.
 
     Parameters
@@ -77,9 +78,12 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin):
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
         the covariates, as in scvi-tools), ``protein_warmup`` (default ``True``: the KL warm-up
         weight also multiplies the protein likelihood, as in scvi-tools 1.4),
-        ``background_preference`` and ``scale_encoder_input`` (default ``False``; ``True``: the
+        ``background_preference``, ``scale_encoder_input`` (default ``False``; ``True``: the
         encoder's input is scaled per cell as scvi-tools 1.4 does, which maps RNA-only queries
-        much better); see :class:`~pyro_totalvi.TotalVIModule`.
+        much better) and ``modality_weights`` (``{"rna": a, "protein": b}``, default 1 and 1:
+        train on the tempered posterior with the RNA likelihood to the power ``a`` and the
+        protein likelihood to the power ``b``; saved with the model; see
+        :meth:`get_modality_contributions`); see :class:`~pyro_totalvi.TotalVIModule`.
 
     Examples
     --------
@@ -143,6 +147,8 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin):
                 background_prior_scale=prior_scale,
                 **network,
             )
+        if "modality_weights" in self.init_params:  # validated floats: JSON-safe in save()
+            self.init_params["modality_weights"] = dict(self.module.modality_weights)
         self.history: pd.DataFrame | None = None
         self.is_trained = False
         self.split: dict | None = None

@@ -54,9 +54,13 @@ def data_fingerprint(data: CiteData) -> dict:
 
 
 def module_config(module: torch.nn.Module) -> dict:
-    return {"n_latent": module.n_latent, "protein_mixture": module.protein_mixture,
-            "use_observed_lib_size": module.use_observed_lib_size,
-            "shapes": {k: list(v.shape) for k, v in module.state_dict().items()}}
+    config = {"n_latent": module.n_latent, "protein_mixture": module.protein_mixture,
+              "use_observed_lib_size": module.use_observed_lib_size,
+              "shapes": {k: list(v.shape) for k, v in module.state_dict().items()}}
+    weights = getattr(module, "modality_weights", None)
+    if weights and set(weights.values()) != {1.0}:  # only then: older checkpoints still resume
+        config["modality_weights"] = dict(weights)
+    return config
 
 
 def get_rng_states(rng: np.random.Generator) -> dict:
@@ -165,8 +169,8 @@ def check_resumable(state: dict, path, data_fp: dict, module_cfg: dict, settings
             "order or batches differ). Resume on the same AnnData."
         )
     cfg = state["module_config"]
-    diff = {k: (cfg.get(k), module_cfg[k]) for k in module_cfg
-            if k != "shapes" and cfg.get(k) != module_cfg[k]}
+    diff = {k: (cfg.get(k), module_cfg.get(k)) for k in sorted(set(cfg) | set(module_cfg))
+            if k != "shapes" and cfg.get(k) != module_cfg.get(k)}  # a key on one side only too
     if diff or cfg.get("shapes") != module_cfg["shapes"]:
         shapes = sorted(k for k in set(cfg["shapes"]) | set(module_cfg["shapes"])
                         if cfg["shapes"].get(k) != module_cfg["shapes"].get(k))

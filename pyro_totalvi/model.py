@@ -27,11 +27,31 @@ library, from :meth:`TotalVIModule.encode`), ``background_posterior(z, cov)`` gi
 q(beta | z, s). Non-model terms (penalties that shape training but are not part of p) are added
 with :func:`penalty`; the one trace scorer (:mod:`pyro_totalvi.scoring`) leaves them out of every
 reported likelihood.
+
+**Modality weights: a tempered posterior.** ``TotalVIModule(..., modality_weights={"rna": a,
+"protein": b})`` trains on
+
+.. math::
+
+    p_{a,b}(z, l, \beta \mid x, y) \;\propto\; p(z)\, p(l)\, p(\beta)\;
+    p(x \mid z, l)^{a}\; p(y \mid z, \beta)^{b},
+
+by wrapping the RNA site ``x`` in ``poutine.scale(a)`` and the protein sites ``v``, ``y`` in
+``poutine.scale(b)``: the ELBO optimised is
+:math:`E_q[a \log p(x|\cdot) + b \log p(y|\cdot)] - \mathrm{KL}`, so ``b = 2`` makes every
+protein count weigh as two observations against the prior and the RNA, and the encoder leans more
+on the proteins. This changes the target of inference (a tempered, "power" posterior), not the
+model: every reported ELBO, reconstruction error and marginal likelihood is that of the model at
+weight 1 (the one trace scorer ignores ``poutine.scale``), so models trained with different
+weights compare on the same scale. ``{"rna": 1, "protein": 1}`` (the default) is the model of
+the totalVI user guide, and trains exactly as without the option.
+:meth:`pyro_totalvi.TOTALVI.get_modality_contributions` shows the resulting balance.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Literal
 
 import pyro
@@ -44,10 +64,38 @@ from torch import nn
 from .distributions import NegativeBinomial, NegativeBinomialMixture
 from .nn import BackgroundEncoder, Decoder, Encoder
 
-__all__ = ["TotalVIModule", "penalty", "PENALTY"]
+__all__ = ["TotalVIModule", "penalty", "PENALTY", "MODALITIES", "check_modality_weights"]
 
 #: ``infer`` key that marks a site as a non-model factor (see :func:`penalty`).
 PENALTY = "penalty"
+
+#: The two modalities, as named in ``modality_weights`` and in modality contributions.
+MODALITIES = ("rna", "protein")
+
+
+def check_modality_weights(weights: dict | None) -> dict[str, float]:
+    """``{"rna": a, "protein": b}`` as Python floats (a missing key is 1); raises ``ValueError``
+    on an unknown key or a weight that is not a finite number > 0."""
+    if weights is None:
+        weights = {}
+    if not isinstance(weights, dict):
+        raise ValueError(f"modality_weights must be a dict like {{'rna': 1.0, 'protein': 2.0}}, "
+                         f"got {type(weights).__name__}")
+    unknown = sorted(map(str, set(weights) - set(MODALITIES)))
+    if unknown:
+        raise ValueError(f"modality_weights has unknown keys {unknown}; the modalities are "
+                         f"{list(MODALITIES)}")
+    out = {}
+    for name in MODALITIES:
+        w = weights.get(name, 1.0)
+        try:
+            w_float = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"modality_weights[{name!r}] must be a number, got {w!r}") from None
+        if isinstance(w, bool) or not math.isfinite(w_float) or w_float <= 0:
+            raise ValueError(f"modality_weights[{name!r}] must be a finite number > 0, got {w!r}")
+        out[name] = w_float
+    return out
 
 
 def penalty(name: str, log_factor: torch.Tensor) -> None:
@@ -103,6 +151,11 @@ class TotalVIModule(nn.Module):
         ``log1p``, as scvi-tools 1.4 does (:class:`~pyro_totalvi.nn.Encoder`); ``False`` (the
         default): ``log1p`` of the counts. It makes mapping RNA-only queries onto a reference
         much better (README, "Mapping new data onto a reference").
+    modality_weights
+        ``{"rna": a, "protein": b}`` (missing keys: 1): temper the RNA likelihood (site ``x``)
+        by ``a`` and the protein likelihood (``v``, ``y``) by ``b`` in training, a tempered
+        posterior (see the module docstring); reported likelihoods stay at weight 1. Default
+        ``None``: 1 and 1, the untempered model.
     """
 
     def __init__(
@@ -126,6 +179,7 @@ class TotalVIModule(nn.Module):
         background_preference: float = 1e-3,
         protein_warmup: bool = True,
         scale_encoder_input: bool = False,
+        modality_weights: dict[str, float] | None = None,
     ):
         super().__init__()
         if protein_mixture not in ("marginal", "enumerate"):
@@ -138,6 +192,7 @@ class TotalVIModule(nn.Module):
         self.use_observed_lib_size = use_observed_lib_size
         self.background_preference = background_preference
         self.protein_warmup = protein_warmup
+        self.modality_weights = check_modality_weights(modality_weights)
         n_cov = n_batches + n_covariates
 
         self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0,
@@ -230,6 +285,12 @@ class TotalVIModule(nn.Module):
         with pyro.plate("proteins", self.n_proteins, dim=-1), poutine.mask(
                 mask=True if protein_mask is None else protein_mask):
             yield
+
+    def modality_scale(self, modality: str):
+        """``poutine.scale`` by the modality's weight, or nothing at weight 1 (so that the
+        default trains bit for bit as the model without the option)."""
+        weight = self.modality_weights[modality]
+        return contextlib.nullcontext() if weight == 1.0 else poutine.scale(scale=weight)
 
     # -- model blocks ------------------------------------------------------------------------------
     def latent_prior(self, s: torch.Tensor) -> dist.Distribution:
@@ -332,14 +393,16 @@ class TotalVIModule(nn.Module):
                 library = pyro.sample("l", self.library_prior(s))  # (5)
             with self.genes_plate():
                 pyro.deterministic("rho", rho)
-                pyro.sample("x", self.rna_likelihood(library, rho), obs=x)  # (10)
+                with self.modality_scale("rna"):  # tempering; the scorer ignores it
+                    pyro.sample("x", self.rna_likelihood(library, rho), obs=x)  # (10)
             with self.proteins_plate(protein_mask):
                 pyro.deterministic("alpha", alpha)
                 pyro.deterministic("pi", torch.sigmoid(pi_logits))
                 with poutine.scale(scale=kl_weight):
                     beta = pyro.sample("beta", self.background_prior(s_gen))  # (11)
                     self.background_penalty(pi_logits)  # not in the model; warmed up as scvi-tools
-                with poutine.scale(scale=kl_weight if self.protein_warmup else 1.0):
+                with poutine.scale(scale=kl_weight if self.protein_warmup else 1.0), \
+                        self.modality_scale("protein"):
                     v = None  # "marginal": summed out analytically inside the likelihood
                     if self.protein_mixture == "enumerate":  # v_nt = 1: background only
                         v = pyro.sample("v", dist.Bernoulli(logits=pi_logits),

@@ -30,6 +30,8 @@ def simulate(
     n_latent: int = 10,
     de_fraction: float = 0.2,
     chunk_size: int = 10000,
+    rna_group_signal: bool = True,
+    protein_group_signal: bool = True,
 ) -> ad.AnnData:
     """Draw a CITE-seq data set from the totalVI generative process (Eqs. 1-14).
 
@@ -37,6 +39,15 @@ def simulate(
     ``log rho`` is linear in ``z`` for a random ``de_fraction`` of genes and constant otherwise, so
     those genes are the planted differentially expressed ones; each protein is foreground in a
     random half of the groups (``pi`` low) and background elsewhere (``pi`` high).
+
+    ``rna_group_signal=False`` makes the RNA independent of ``z`` (no planted DE gene: every cell
+    draws from the same ``rho`` up to its batch); ``protein_group_signal=False`` gives every
+    group the foreground pattern of group 0 (no planted DE protein: ``pi`` and ``alpha`` are the
+    same in every cell). Either leaves the groups distinguishable by the other modality only: a
+    known answer for :meth:`~pyro_totalvi.TOTALVI.get_modality_contributions`. The same
+    ``seed`` gives the same groups, batches, ``z`` and library sizes with either option (and the
+    same RNA with ``protein_group_signal=False``); the defaults give exactly the data of earlier
+    versions.
 
     Returns
     -------
@@ -49,7 +60,8 @@ def simulate(
         ``uns["true_group_foreground"]`` (groups x proteins).
     """
     chunks = list(simulate_chunks(n_cells, n_genes, n_proteins, n_batches, n_groups, seed,
-                                  n_latent, de_fraction, chunk_size))
+                                  n_latent, de_fraction, chunk_size, rna_group_signal,
+                                  protein_group_signal))
     if len(chunks) == 1:
         return chunks[0]
     adata = ad.concat(chunks, merge="same")
@@ -68,6 +80,8 @@ def simulate_chunks(
     n_latent: int = 10,
     de_fraction: float = 0.2,
     chunk_size: int = 10000,
+    rna_group_signal: bool = True,
+    protein_group_signal: bool = True,
 ):
     """:func:`simulate`, one AnnData per ``chunk_size`` cells, all from the same parameters.
 
@@ -76,6 +90,12 @@ def simulate_chunks(
     """
     rng = np.random.default_rng(seed)
     p = _parameters(rng, n_genes, n_proteins, n_batches, n_groups, n_latent, de_fraction)
+    if not rna_group_signal:  # after all draws of _parameters: the same random stream
+        p["W"], p["de"] = np.zeros_like(p["W"]), np.zeros_like(p["de"])
+        base = p["gene_base"] - np.log(np.exp(p["gene_base"]).sum())
+        p["group_log_rho"] = np.repeat(base[:, None], n_groups, axis=1)
+    if not protein_group_signal:
+        p["foreground"] = np.broadcast_to(p["foreground"][:1], p["foreground"].shape).copy()
     groups = rng.integers(0, n_groups, n_cells)
     batches = rng.integers(0, n_batches, n_cells)
     for start in range(0, n_cells, chunk_size):

@@ -13,7 +13,16 @@ nbclient = pytest.importorskip("nbclient")
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 EXPECTED = ["01_model_from_equations", "02_cite_seq_analysis", "03_extending_the_model",
-            "04_predictive_checks"]
+            "04_predictive_checks", "05_modality_balance"]
+
+
+def reads_shared_data(nb) -> bool:
+    """Whether the notebook analyses a file of ../shared/data (it then looks for it with
+    ``PYRO_TOTALVI_DATA_DIR`` or in shared/data above the working directory)."""
+    return any("PYRO_TOTALVI_DATA_DIR" in c.source for c in nb.cells if c.cell_type == "code")
+
+
+SHARED_DATA_NOTEBOOKS = [p for p in NOTEBOOKS if reads_shared_data(nbformat.read(p, as_version=4))]
 
 
 KERNEL = "pyro-totalvi-tests"
@@ -63,14 +72,14 @@ def test_all_tutorials_present():
 def test_tutorial_structure_and_saved_outputs(path):
     """Opens with what it teaches, ends with what to try next, committed with its plots.
 
-    02 is the exception: its plots come from ../shared/data, and nothing derived from that data
-    may be committed, so it is stored without outputs (and executed by the test below).
+    Notebooks that read ../shared/data (02, 05) are the exception: nothing derived from that data
+    may be committed, so they are stored without outputs (and executed by the tests below).
     """
     nb = nbformat.read(path, as_version=4)
     assert nb.cells[0].cell_type == "markdown" and "What this notebook teaches" in nb.cells[0].source
     assert nb.cells[-1].cell_type == "markdown" and "What to try next" in nb.cells[-1].source
     code = [c for c in nb.cells if c.cell_type == "code"]
-    if path.stem == "02_cite_seq_analysis":
+    if reads_shared_data(nb):
         assert not any(c.outputs for c in code), "no outputs derived from ../shared/data"
     else:
         assert all(c.get("execution_count") for c in code), "commit the notebook executed"
@@ -87,12 +96,18 @@ def test_tutorial_executes(path, monkeypatch, kernel):
     execute(path, kernel)
 
 
+def test_shared_data_notebooks_are_recognised():
+    assert [p.stem for p in SHARED_DATA_NOTEBOOKS] == ["02_cite_seq_analysis",
+                                                       "05_modality_balance"]
+
+
 @pytest.mark.slow
-def test_cite_seq_tutorial_skips_cleanly_without_data(tmp_path, monkeypatch, kernel):
+@pytest.mark.parametrize("path", SHARED_DATA_NOTEBOOKS, ids=[p.stem for p in SHARED_DATA_NOTEBOOKS])
+def test_shared_data_tutorial_skips_cleanly_without_data(path, tmp_path, monkeypatch, kernel):
     """Without the real data file the notebook says so and every later cell is a no-op."""
     monkeypatch.setenv("PYRO_TOTALVI_FAST", "1")
     monkeypatch.setenv("PYRO_TOTALVI_DATA_DIR", str(tmp_path))
-    nb = execute(TUTORIALS / "02_cite_seq_analysis.ipynb", kernel)
+    nb = execute(path, kernel)
     assert "The rest of this notebook is skipped" in stdout(nb)
     assert "reading" not in stdout(nb)
 
