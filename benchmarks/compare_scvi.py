@@ -368,9 +368,13 @@ class OursSide:
         data = self.model._data(adata)
         terms = elbo_terms(self.model.module, data,
                            np.arange(data.n_obs) if indices is None else indices)
+        # the per-cell background shift (ours only) is part of the background's KL
         names = {"x": "reconst_loss_gene", "y": "reconst_loss_protein", "z": "kl_div_z",
-                 "l": "kl_div_l_gene", "beta": "kl_div_back_pro"}
-        means = {names[k]: v for k, v in terms.items()}
+                 "l": "kl_div_l_gene", "beta": "kl_div_back_pro",
+                 "background_scale": "kl_div_back_pro"}
+        means = {}
+        for k, v in terms.items():
+            means[names[k]] = means.get(names[k], 0.0) + v
         means["neg_elbo_pure"] = sum(means.values())  # no penalty terms on this side
         return means
 

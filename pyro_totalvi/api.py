@@ -78,12 +78,15 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
         the covariates, as in scvi-tools), ``protein_warmup`` (default ``True``: the KL warm-up
         weight also multiplies the protein likelihood, as in scvi-tools 1.4),
-        ``background_preference``, ``scale_encoder_input`` (default ``False``; ``True``: the
-        encoder's input is scaled per cell as scvi-tools 1.4 does, which maps RNA-only queries
-        much better) and ``modality_weights`` (``{"rna": a, "protein": b}``, default 1 and 1:
-        train on the tempered posterior with the RNA likelihood to the power ``a`` and the
-        protein likelihood to the power ``b``; saved with the model; see
-        :meth:`get_modality_contributions`); see :class:`~pyro_totalvi.TotalVIModule`.
+        ``background_preference`` (default 0.1), ``min_foreground_ratio`` (default 2),
+        ``background_cell_scale`` (default ``True``; see README, "Protein background"; isotype
+        controls and empty droplets come from the registry, :meth:`setup_anndata`),
+        ``scale_encoder_input`` (default ``False``; ``True``: the encoder's input is scaled per
+        cell as scvi-tools 1.4 does, which maps RNA-only queries much better) and
+        ``modality_weights`` (``{"rna": a, "protein": b}``, default 1 and 1: train on the
+        tempered posterior with the RNA likelihood to the power ``a`` and the protein likelihood
+        to the power ``b``; saved with the model; see :meth:`get_modality_contributions`); see
+        :class:`~pyro_totalvi.TotalVIModule`.
 
     Examples
     --------
@@ -135,6 +138,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             prior_mean, prior_scale = map(torch.from_numpy, protein_background_prior(self.data))
         network = {k: v for k, v in self.init_params.items()
                    if k != "empirical_protein_background_prior"}
+        network.update(self._background_options())
         with rng_scope(seed):
             self.module = module_class(
                 self.data.n_genes,
@@ -171,6 +175,19 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
                            int((~self.data.cell_protein_mask).sum()),
                            self.data.cell_protein_mask.size)
 
+    def _background_options(self) -> dict:
+        """Module arguments that follow from the registry: isotype controls (their column
+        indices) and empty droplets; given only when registered, so module classes written
+        before these options existed still build."""
+        names = [str(p) for p in self.registry["protein_names"]]
+        isotypes = registry_keys(self.registry, "isotype_controls")
+        options = {}
+        if isotypes:
+            options["isotype_controls"] = [names.index(p) for p in isotypes]
+        if self.data.droplets is not None:
+            options["empty_droplets"] = True
+        return options
+
     def __repr__(self) -> str:
         d = self.data
         return (f"TOTALVI: {d.n_obs} cells, {d.n_genes} genes, {d.n_proteins} proteins, "
@@ -190,6 +207,8 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         protein_mask=None,
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
+        isotype_controls: Sequence[str] | None = None,
+        empty_droplets: AnnData | None = None,
     ) -> None:
         """Validate ``adata`` and register where its counts, batches and covariates are.
 
@@ -222,11 +241,25 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             (categories are recorded; a query with a category unseen here raises).
         continuous_covariate_keys
             Numeric ``adata.obs`` columns given as they are to the networks (no NaN/inf).
+        isotype_controls
+            Protein names of isotype-control antibodies (they measure background only): they
+            are modelled as background in every cell (``v = 1``) and inform a per-cell
+            background shift shared by all proteins (README, "Protein background"). Unknown or
+            repeated names, or every protein, raise :class:`~pyro_totalvi.TotalVIDataError`.
+        empty_droplets
+            An AnnData of empty droplets (ambient antibody, no cell), e.g. from the raw
+            (unfiltered) 10x matrix: protein counts in ``obsm[protein_expression_obsm_key]``
+            with the same proteins (a DataFrame with their names, in any order, or an array in
+            the cells' order), non-negative integers, and ``obs[batch_key]`` when the cells have
+            batches, with at least 10 droplets per batch. Their counts inform the per-protein
+            background prior of Eq. (11). The counts are copied into the registry (so a saved
+            model carries them); the AnnData itself is not modified.
         """
         register_anndata(adata, protein_expression_obsm_key, batch_key, layer, non_integer,
                          protein_mask=protein_mask,
                          categorical_covariate_keys=categorical_covariate_keys,
-                         continuous_covariate_keys=continuous_covariate_keys)
+                         continuous_covariate_keys=continuous_covariate_keys,
+                         isotype_controls=isotype_controls, empty_droplets=empty_droplets)
 
     @classmethod
     def setup_mudata(
@@ -240,6 +273,8 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         protein_mask=None,
         modalities: dict[str, str] | None = None,
         non_integer: Literal["warn", "error"] = "warn",
+        isotype_controls: Sequence[str] | None = None,
+        empty_droplets: AnnData | None = None,
     ) -> None:
         """Register a ``mudata.MuData`` with RNA and protein modalities (scvi-tools' signature).
 
@@ -259,11 +294,18 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             a ``protein_mask`` obsm key is looked up in the protein modality.
         batch_key, categorical_covariate_keys, continuous_covariate_keys, protein_mask
             As in :meth:`setup_anndata`.
+        isotype_controls
+            Names of the protein modality's isotype controls, as in :meth:`setup_anndata`.
+        empty_droplets
+            Empty droplets as an AnnData shaped like the protein modality (protein counts in
+            ``X``, protein names as ``var_names``, ``obs[batch_key]`` when there are batches),
+            or with the counts in ``obsm["protein_expression"]``; see :meth:`setup_anndata`.
         """
         if modalities is None:
             modalities = {"rna_layer": "rna", "protein_layer": "prot", "batch_key": "rna"}
         register_mudata(mdata, rna_layer, protein_layer, batch_key, categorical_covariate_keys,
-                        continuous_covariate_keys, protein_mask, modalities, non_integer)
+                        continuous_covariate_keys, protein_mask, modalities, non_integer,
+                        isotype_controls=isotype_controls, empty_droplets=empty_droplets)
 
     # ------------------------------------------------------------------------------------------
     def train(

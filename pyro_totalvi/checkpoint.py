@@ -36,8 +36,9 @@ def data_fingerprint(data: CiteData) -> dict:
     """Shape and a content hash of the training data, cheap and independent of X's storage.
 
     Hashes per-cell library sizes, per-gene totals, protein counts, batch codes and names, the
-    network covariates and the protein mask, so different cells, a different order, other
-    counts, other genes, covariates or missing-protein settings are all detected.
+    network covariates, the protein mask, and any isotype controls and empty droplets, so
+    different cells, a different order, other counts, other genes, covariates or missing-protein
+    settings are all detected.
     """
     h = hashlib.blake2b(digest_size=16)
     gene_totals = np.asarray(data.X.sum(axis=0), dtype=np.float64).ravel()
@@ -49,6 +50,13 @@ def data_fingerprint(data: CiteData) -> dict:
         h.update(a.tobytes() if a.size else b"")
     h.update(repr((list(data.registry["protein_names"]),
                    list(data.registry["batch_categories"]))).encode())
+    isotypes = [str(p) for p in data.registry.get("isotype_controls") or []]
+    if isotypes:  # hashed only when present: fingerprints of older runs stay valid
+        h.update(repr(isotypes).encode())
+    droplets = getattr(data, "droplets", None)
+    if droplets is not None:
+        for a in (droplets.Y, droplets.batch):
+            h.update(np.ascontiguousarray(a).tobytes())
     return {"n_obs": data.n_obs, "n_genes": data.n_genes, "n_proteins": data.n_proteins,
             "n_batches": data.n_batches, "hash": h.hexdigest()}
 

@@ -26,6 +26,8 @@ REGISTRY_KEY = "_pyro_totalvi"
 __all__ = [
     "REGISTRY_KEY",
     "CiteData",
+    "DropletBatch",
+    "DropletData",
     "register_anndata",
     "library_log_stats",
     "protein_background_prior",
@@ -349,6 +351,92 @@ def _backed_rna(adata: AnnData, layer: str | None) -> BackedCSR:
     return BackedCSR(adata.file["X"])
 
 
+#: Fewest empty droplets per batch that :func:`register_anndata` accepts: the droplets pin a
+#: per-protein ambient level of every batch, and a handful of droplets would pin it to noise.
+MIN_DROPLETS_PER_BATCH = 10
+
+
+def _isotype_names(isotype_controls, protein_names: list[str]) -> list[str]:
+    """The declared isotype controls as a checked list of protein names (registry order)."""
+    if isotype_controls is None:
+        return []
+    names = [isotype_controls] if isinstance(isotype_controls, str) else list(isotype_controls)
+    names = [str(n) for n in names]
+    if protein_names is None:  # a query without proteins: the reference's names, checked there
+        return names
+    unknown = [n for n in names if n not in protein_names]
+    if unknown:
+        raise TotalVIDataError(f"isotype_controls {unknown} are not proteins of the data "
+                               f"(proteins: {protein_names[:10]}{'...' if len(protein_names) > 10 else ''})")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TotalVIDataError(f"isotype_controls lists {dup} more than once")
+    if len(names) == len(protein_names):
+        raise TotalVIDataError(
+            f"isotype_controls declares all {len(names)} proteins background-only; at least one "
+            "protein must be able to be foreground")
+    return [p for p in protein_names if p in names]
+
+
+def _droplet_proteins(droplets: AnnData, key: str, protein_names: list[str]) -> np.ndarray:
+    """The droplets' protein counts ``(D, T)``, columns in the cells' (registry) order."""
+    if key not in droplets.obsm:
+        raise KeyError(f"empty_droplets.obsm has no {key!r} (the cells' protein key); "
+                       f"available: {list(droplets.obsm.keys())}")
+    pro = droplets.obsm[key]
+    if isinstance(pro, pd.DataFrame):
+        cols = [str(c) for c in pro.columns]
+        unknown = [c for c in cols if c not in protein_names]
+        absent = [p for p in protein_names if p not in cols]
+        if unknown or absent:
+            raise TotalVIDataError(
+                f"empty_droplets proteins differ from the cells': not in the cells {unknown[:5]}, "
+                f"missing {absent[:5]}")
+        values = pro.set_axis(cols, axis=1)[protein_names].to_numpy()
+    else:
+        values = pro.toarray() if sp.issparse(pro) else np.asarray(pro)
+        if values.ndim != 2 or values.shape[1] != len(protein_names):
+            raise TotalVIDataError(
+                f"empty_droplets.obsm[{key!r}] has shape {values.shape}; expected (droplets, "
+                f"{len(protein_names)}) proteins in the cells' order (or a DataFrame with names)")
+    _check_counts(values, droplets.obs_names, protein_names,
+                  f"empty droplet protein counts (empty_droplets.obsm[{key!r}])", "error")
+    return values
+
+
+def _droplet_entry(droplets, key: str, protein_names: list[str], batch_key: str | None,
+                   categories: list[str]) -> dict:
+    """Validate the empty droplets and return their registry entry (counts and batches)."""
+    if not isinstance(droplets, AnnData):
+        raise TotalVIDataError(f"empty_droplets must be an AnnData (droplets x genes, protein "
+                               f"counts in obsm[{key!r}]); got {type(droplets).__name__}")
+    if droplets.n_obs == 0:
+        raise TotalVIDataError("empty_droplets has no droplets (n_obs == 0)")
+    counts = _droplet_proteins(droplets, key, protein_names)
+    if batch_key is None:
+        labels = np.full(droplets.n_obs, categories[0])
+    else:
+        if batch_key not in droplets.obs:
+            raise TotalVIDataError(
+                f"the cells have batches (batch_key={batch_key!r}) but empty_droplets.obs has no "
+                f"{batch_key!r} column: say which batch (channel) each droplet comes from")
+        labels = _obs_column(droplets, batch_key, "batch_key of empty_droplets").astype(str)
+        labels = labels.to_numpy()
+        unknown = sorted(set(labels) - set(categories))
+        if unknown:
+            raise TotalVIDataError(f"empty_droplets.obs[{batch_key!r}] has batches the cells do "
+                                   f"not have: {unknown[:5]}; cells' batches: {categories}")
+    few = {c: int((labels == c).sum()) for c in categories
+           if (labels == c).sum() < MIN_DROPLETS_PER_BATCH}
+    if few:
+        raise TotalVIDataError(
+            f"empty_droplets needs at least {MIN_DROPLETS_PER_BATCH} droplets per batch; "
+            f"droplets per batch: {few}")
+    return {"protein_counts": counts.astype(np.int32 if counts.max(initial=0) < 2**31 else
+                                            np.int64),
+            "batch": [str(v) for v in labels], "n_droplets": int(droplets.n_obs)}
+
+
 def register_anndata(
     adata: AnnData,
     protein_expression_obsm_key: str = "protein_expression",
@@ -359,6 +447,8 @@ def register_anndata(
     categorical_covariate_keys=None,
     continuous_covariate_keys=None,
     proteins_optional: bool = False,
+    isotype_controls=None,
+    empty_droplets=None,
 ) -> dict:
     """Validate ``adata`` and write the registry ``adata.uns["_pyro_totalvi"]``.
 
@@ -415,7 +505,12 @@ def register_anndata(
         "categorical_covariate_keys": cat_keys,
         "categorical_covariate_categories": cov_categories,
         "continuous_covariate_keys": cont_keys,
+        "isotype_controls": _isotype_names(isotype_controls, protein_names),
+        "empty_droplets": None,
     }
+    if empty_droplets is not None:
+        registry["empty_droplets"] = _droplet_entry(empty_droplets, protein_expression_obsm_key,
+                                                    protein_names, batch_key, categories)
     covariate_matrix(adata, registry)  # NaN / dtype checks of the continuous covariates
     if isinstance(protein_mask, str):
         if protein_names is not None:
@@ -435,13 +530,16 @@ def register_like(adata: AnnData, registry: dict) -> dict:
     the batches): install the other registry afterwards, as :meth:`TOTALVI.load` does. A mapped
     query model's registry (``proteins_optional``) accepts an ``adata`` without proteins.
     """
-    return register_anndata(
+    new = register_anndata(
         adata, registry["protein_expression_obsm_key"], registry["batch_key"], registry["layer"],
         protein_mask=registry.get("protein_mask_obsm_key"),
         categorical_covariate_keys=registry_keys(registry, "categorical_covariate_keys"),
         continuous_covariate_keys=registry_keys(registry, "continuous_covariate_keys"),
         proteins_optional=bool(registry.get("proteins_optional")),
+        isotype_controls=registry_keys(registry, "isotype_controls") or None,
     )
+    new["empty_droplets"] = registry.get("empty_droplets")  # validated when first registered
+    return new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +637,18 @@ def anndata_from_mudata(mdata, registry: dict) -> AnnData:
     return adata
 
 
+def _protein_modality_droplets(droplets) -> AnnData:
+    """Empty droplets given like a MuData's protein modality (counts in ``X``, proteins as
+    ``var_names``) in the form :func:`register_anndata` takes (``obsm["protein_expression"]``)."""
+    if not isinstance(droplets, AnnData) or MUDATA_PROTEIN_KEY in droplets.obsm:
+        return droplets
+    Y = droplets.X.toarray() if sp.issparse(droplets.X) else np.asarray(droplets.X)
+    out = AnnData(obs=droplets.obs.copy())
+    out.obsm[MUDATA_PROTEIN_KEY] = pd.DataFrame(Y, index=droplets.obs_names,
+                                                columns=[str(v) for v in droplets.var_names])
+    return out
+
+
 def register_mudata(
     mdata,
     rna_layer: str | None = None,
@@ -549,6 +659,8 @@ def register_mudata(
     protein_mask=None,
     modalities: dict | None = None,
     non_integer: str = "warn",
+    isotype_controls=None,
+    empty_droplets=None,
 ) -> dict:
     """Validate a MuData and write the registry to ``mdata.uns["_pyro_totalvi"]``.
 
@@ -577,7 +689,10 @@ def register_mudata(
     registry = register_anndata(
         adata, MUDATA_PROTEIN_KEY, batch_key, None, non_integer, protein_mask=protein_mask,
         categorical_covariate_keys=provisional["categorical_covariate_keys"],
-        continuous_covariate_keys=provisional["continuous_covariate_keys"])
+        continuous_covariate_keys=provisional["continuous_covariate_keys"],
+        isotype_controls=isotype_controls,
+        empty_droplets=None if empty_droplets is None else _protein_modality_droplets(
+            empty_droplets))
     registry["mudata"] = provisional["mudata"]
     mdata.uns[REGISTRY_KEY] = registry
     return registry
@@ -640,6 +755,50 @@ class Minibatch:
                          extras={k: move(v) for k, v in self.extras.items()})
 
 
+@dataclass
+class DropletBatch:
+    """Tensors of a minibatch of empty droplets (the ``droplets`` argument of the model)."""
+
+    y: torch.Tensor
+    s: torch.Tensor
+    idx: torch.Tensor
+    n_obs: int
+    protein_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str | None) -> DropletBatch:
+        if device is None or self.y.device == torch.device(device):
+            return self
+        mask = None if self.protein_mask is None else self.protein_mask.to(device)
+        return DropletBatch(self.y.to(device), self.s.to(device), self.idx.to(device),
+                            self.n_obs, mask)
+
+
+class DropletData:
+    """The registered empty droplets: protein counts ``(D, T)`` and batch codes ``(D,)``."""
+
+    def __init__(self, entry: dict, registry: dict, protein_measured: np.ndarray):
+        self.Y = np.ascontiguousarray(np.asarray(entry["protein_counts"], dtype=np.float32))
+        lookup = {c: i for i, c in enumerate(registry["batch_categories"])}
+        self.batch = np.array([lookup[str(b)] for b in entry["batch"]], dtype=np.int64)
+        self.protein_measured = protein_measured
+        self._eye = torch.eye(len(lookup))
+
+    @property
+    def n_obs(self) -> int:
+        return self.Y.shape[0]
+
+    def minibatch(self, idx: np.ndarray, device: torch.device | str | None = None
+                  ) -> DropletBatch:
+        """The droplets ``idx`` (sorted) as tensors; unmeasured proteins of their batch masked."""
+        idx = np.sort(np.asarray(idx, dtype=np.int64))
+        mask = None
+        if not self.protein_measured.all():
+            mask = torch.from_numpy(np.ascontiguousarray(self.protein_measured[self.batch[idx]]))
+        return DropletBatch(torch.from_numpy(self.Y[idx]),
+                            self._eye[torch.from_numpy(self.batch[idx])],
+                            torch.from_numpy(idx), self.n_obs, mask).to(device)
+
+
 class CiteData:
     """Registered CITE-seq data as arrays ready for slicing into minibatches.
 
@@ -662,6 +821,8 @@ class CiteData:
         ``None``.
     covariates
         Float ``(cells, p)`` network covariates (:func:`covariate_matrix`) or ``None``.
+    droplets
+        The registered empty droplets (:class:`DropletData`), or ``None``.
     """
 
     def __init__(self, adata: AnnData, registry: dict | None = None):
@@ -720,6 +881,8 @@ class CiteData:
         self.protein_measured = measured
         self.covariates = covariate_matrix(adata, registry)
         self._eye = torch.eye(self.n_batches)
+        entry = registry.get("empty_droplets")
+        self.droplets = None if not entry else DropletData(entry, registry, measured)
 
     @property
     def n_obs(self) -> int:

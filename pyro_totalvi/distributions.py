@@ -292,3 +292,20 @@ class NegativeBinomialMixture(TorchDistribution):
         # log sigmoid(w) = -softplus(-w); log sigmoid(-w) = -softplus(w)
         mix = torch.logaddexp(comp1 - F.softplus(-w), comp2 - F.softplus(w))
         return mix + _gamma_terms(value, theta)
+
+    def first_component_probability(self, value: torch.Tensor) -> torch.Tensor:
+        r"""Posterior probability that ``value`` came from the first component (Bayes' rule).
+
+        .. math::
+            P(v = 1 \mid y) = \frac{\sigma(w)\,\mathrm{NB}(y;\mu_1,\theta)}
+            {\sigma(w)\,\mathrm{NB}(y;\mu_1,\theta) + \sigma(-w)\,\mathrm{NB}(y;\mu_2,\theta)}
+            = \sigma\bigl(w + \log\mathrm{NB}(y;\mu_1,\theta) - \log\mathrm{NB}(y;\mu_2,\theta)\bigr)
+
+        In totalVI (``mu1 = beta``, ``mu2 = beta * alpha``, ``w = logit pi``) this is the
+        *responsibility* of the background for the observed count ``y``: the probability that
+        ``v = 1`` given the count, where ``sigmoid(w) = pi`` is the probability before seeing it.
+        """
+        # the log-gamma terms are the same for both components and cancel
+        theta = _compact(self.theta)
+        log_ratio = _count_terms(value, self.mu1, theta) - _count_terms(value, self.mu2, theta)
+        return torch.sigmoid(self.mixture_logits + log_ratio)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FCLayers", "Encoder", "Decoder", "BackgroundEncoder"]
+__all__ = ["FCLayers", "Encoder", "Decoder", "BackgroundEncoder", "CountEncoder"]
 
 
 class FCLayers(nn.Module):
@@ -179,3 +179,20 @@ class BackgroundEncoder(nn.Module):
         loc, raw_scale = self.out(torch.cat([self.hidden(z, cov), z], dim=-1), cov).chunk(2, -1)
         # softplus (not exp) as scvi-tools >= 1.2: large raw outputs do not explode the scale.
         return loc, F.softplus(raw_scale) + 1e-8
+
+
+class CountEncoder(nn.Module):
+    """Location and scale ``(..., n_out)`` of a Normal from ``log1p`` counts and covariates.
+
+    One hidden layer; the guide of the per-cell background shift (``n_out = 1``, from a cell's
+    protein counts) and of the empty droplets' backgrounds (``n_out = T``, from a droplet's).
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_cov: int, n_hidden: int = 64):
+        super().__init__()
+        self.hidden = FCLayers(n_in, n_hidden, n_cov, 1, n_hidden)
+        self.out = nn.Linear(n_hidden, 2 * n_out)
+
+    def forward(self, counts: torch.Tensor, cov: torch.Tensor | None):
+        loc, raw_scale = self.out(self.hidden(torch.log1p(counts), cov)).chunk(2, -1)
+        return loc, F.softplus(raw_scale) + 1e-4

@@ -27,6 +27,9 @@ from .scoring import evaluate, score_minibatch
 __all__ = ["PosteriorMixin"]
 
 _CHUNK = 512
+#: Name under which :meth:`PosteriorMixin._draws` gives the posterior probability of background
+#: given the observed protein count, P(v = 1 | y, z, beta, alpha, pi).
+PI_GIVEN_Y = "pi_given_y"
 # cell-draws per vectorised call: 4,096 x 2,000 genes x 4 B = 33 MB per tensor
 _ROWS = 4096
 
@@ -83,7 +86,9 @@ class PosteriorMixin:
         ``observed=False`` the model samples ``x`` and ``y`` too (posterior predictive).
         """
         args, kwargs = list(mb.args()), dict(mb.kwargs(), decode_as=decode_as)
-        with pyro.plate("_draws", k, dim=-3):
+        # v summed out: the protein likelihood is the mixture, whose components give the
+        # foreground probability given the count (:meth:`_pi_given_y`)
+        with self.module.v_summed_out(), pyro.plate("_draws", k, dim=-3):
             guide_tr = poutine.trace(self.module.guide).get_trace(*args, **kwargs)
             if not observed:
                 args[0] = args[1] = None
@@ -94,19 +99,45 @@ class PosteriorMixin:
     def _draws(self, mb: Minibatch, n_samples: int, code: int | None, sites: Sequence[str]):
         """``n_samples`` posterior draws of ``sites`` for one minibatch, yielded one at a time.
 
-        Vectorised over draws (:meth:`_traces`: the encoder runs once per group of draws) in
-        groups of about ``_ROWS`` cell-draws, which bounds memory at O(_ROWS x features).
+        The guide draws ``z``, ``l``, ``beta`` (and any other latent site) from q, and the model,
+        replayed on those draws with the observed counts, gives its sample and deterministic
+        sites (``rho``, ``alpha``, ``pi``, ...) and :data:`PI_GIVEN_Y`, the posterior
+        probability of background given the observed protein count (see
+        :meth:`_pi_given_y`). Draws are vectorised (:meth:`_traces`: the encoder runs once per
+        group of draws) in groups of about ``_ROWS`` cell-draws, which bounds memory at
+        O(_ROWS x features).
         """
         decode_as = self._one_hot(code, len(mb.idx))
         per_call = max(1, min(n_samples, _ROWS // max(len(mb.idx), 1)))
         done = 0
         while done < n_samples:
             k = min(per_call, n_samples - done)
-            _, model_tr = self._traces(mb, k, decode_as)
-            values = {name: model_tr.nodes[name]["value"] for name in sites}
+            _, trace = self._traces(mb, k, decode_as)
+            draw = {name: self._pi_given_y(trace, mb) if name == PI_GIVEN_Y
+                    else trace.nodes[name]["value"] for name in sites}
             for i in range(k):
-                yield {name: value[i] for name, value in values.items()}
+                yield {name: value[i] for name, value in draw.items()}
             done += k
+
+    @staticmethod
+    def _pi_given_y(trace, mb: Minibatch) -> torch.Tensor:
+        r"""Responsibility :math:`P(v_{nt} = 1 \mid y_{nt}, z_n, \beta_{nt})` ``(k, B, T)``.
+
+        Bayes' rule on the two mixture components of the protein likelihood (see
+        :meth:`~pyro_totalvi.NegativeBinomialMixture.first_component_probability`); where a
+        protein was not measured there is no count to condition on, and the prior ``pi`` is
+        returned.
+        """
+        site = trace.nodes["y"]
+        fn = site["fn"]
+        if not hasattr(fn, "first_component_probability"):
+            raise TypeError(
+                f"the protein likelihood {type(fn).__name__} has no first_component_probability("
+                "y); use given_counts=False (the prior weight pi) with this module")
+        resp = fn.first_component_probability(mb.y)
+        if mb.protein_mask is not None:
+            resp = torch.where(mb.protein_mask, resp, trace.nodes["pi"]["value"])
+        return resp
 
     def _average_draws(self, data: CiteData, idx: np.ndarray, batch_size: int | None,
                        codes: list[int | None], n_samples: int, sites: Sequence[str],
@@ -229,14 +260,19 @@ class PosteriorMixin:
         return_numpy: bool = False,
         batch_size: int | None = None,
         progress_bar: bool = False,
+        given_counts: bool | None = None,
     ):
         r"""Denoised RNA and protein expression, Monte Carlo averaged over q.
 
         RNA: :math:`E_q[l' \rho_n]` with :math:`l'` = ``library_size`` (``"latent"``: the cell's
-        own library). Protein: :math:`E_q[(1 - \pi_{nt}) \beta_{nt} \alpha_{nt}]`, plus
-        :math:`\pi_{nt}\beta_{nt}` with ``include_protein_background``; with
-        ``sample_protein_mixing`` a draw :math:`v_{nt} \sim \mathrm{Bernoulli}(\pi_{nt})` replaces
-        :math:`\pi_{nt}`; ``scale_protein`` divides by the per-cell protein total.
+        own library). Protein: :math:`E_q[(1 - w_{nt}) \beta_{nt} \alpha_{nt}]`, plus
+        :math:`w_{nt}\beta_{nt}` with ``include_protein_background``, where the background
+        weight :math:`w_{nt}` is the posterior probability of background given the observed
+        count, :math:`P(v_{nt} = 1 \mid y_{nt}, z_n, \beta_{nt})` (``given_counts``, see
+        :meth:`get_protein_foreground_probability`), or the prior weight :math:`\pi_{nt}`
+        (``given_counts=False``, scvi-tools' choice; the default with ``transform_batch``). With
+        ``sample_protein_mixing`` a draw :math:`v_{nt} \sim \mathrm{Bernoulli}(w_{nt})` replaces
+        :math:`w_{nt}`; ``scale_protein`` divides by the per-cell protein total.
 
         Parameters
         ----------
@@ -248,6 +284,8 @@ class PosteriorMixin:
             ``(n_samples, n_cells, n_features)``, memory grows with ``n_samples``).
         return_numpy
             Arrays instead of DataFrames (cells x genes / proteins).
+        given_counts
+            ``None`` (default): ``True`` unless ``transform_batch`` is given; see above.
 
         Returns
         -------
@@ -257,8 +295,9 @@ class PosteriorMixin:
         names = self._cell_names(adata, idx)
         g_sel = self._select(list(map(str, self.adata.var_names)), gene_list, "genes")
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
-        sites = ["rho", "alpha", "pi", "beta"] + (["l"] if library_size == "latent" and
-                                                  not self.module.use_observed_lib_size else [])
+        weight = PI_GIVEN_Y if self._given_counts(given_counts, transform_batch) else "pi"
+        sites = ["rho", "alpha", weight, "beta"] + (["l"] if library_size == "latent" and
+                                                    not self.module.use_observed_lib_size else [])
         g_t, p_t = torch.from_numpy(g_sel).to(self.device), torch.from_numpy(p_sel).to(self.device)
 
         def denoised(mb, d):
@@ -266,7 +305,7 @@ class PosteriorMixin:
                 lib = d["l"] if "l" in d else mb.log_library.exp()
             else:
                 lib = float(library_size)
-            pi = torch.bernoulli(d["pi"]) if sample_protein_mixing else d["pi"]
+            pi = torch.bernoulli(d[weight]) if sample_protein_mixing else d[weight]
             pro = (1 - pi) * d["beta"] * d["alpha"]
             if include_protein_background:
                 pro = pro + pi * d["beta"]
@@ -284,6 +323,17 @@ class PosteriorMixin:
         return (pd.DataFrame(rna_out, index=names, columns=genes),
                 pd.DataFrame(pro_out, index=names, columns=proteins))
 
+    def _given_counts(self, given_counts: bool | None, transform_batch) -> bool:
+        """``given_counts`` resolved: ``None`` means True unless ``transform_batch`` is given."""
+        if given_counts is None:
+            return transform_batch is None
+        if given_counts and transform_batch is not None:
+            raise ValueError(
+                "given_counts=True conditions on the observed protein counts, which were measured "
+                "in each cell's own batch, not in transform_batch; use given_counts=False (the "
+                "prior weight pi) for counterfactual batches")
+        return bool(given_counts)
+
     @torch.no_grad()
     def get_protein_foreground_probability(
         self,
@@ -292,21 +342,121 @@ class PosteriorMixin:
         transform_batch=None,
         protein_list: Sequence[str] | None = None,
         n_samples: int = 1,
-        return_mean: bool = True,
-        return_numpy: bool = False,
         batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        given_counts: bool | None = None,
     ):
-        r"""Posterior probability that each protein is foreground, :math:`E_q[1 - \pi_{nt}]`."""
+        r"""Probability that each cell's protein count is foreground, averaged over q.
+
+        With ``given_counts`` (the default) it is the posterior *responsibility* of the
+        foreground for the observed count :math:`y_{nt}`, by Bayes' rule on the two components
+        of Eqs. (12)-(14):
+
+        .. math::
+            P(v_{nt} = 0 \mid y_{nt}, z_n, \beta_{nt}) =
+            \frac{(1 - \pi_{nt})\,\mathrm{NB}(y_{nt}; \beta_{nt}\alpha_{nt}, \phi_t)}
+            {\pi_{nt}\,\mathrm{NB}(y_{nt}; \beta_{nt}, \phi_t)
+             + (1 - \pi_{nt})\,\mathrm{NB}(y_{nt}; \beta_{nt}\alpha_{nt}, \phi_t)},
+
+        returned as :math:`E_{q(z, \beta \mid x, y, s)}` of it (``n_samples`` draws): the
+        probability that the count *observed* in this cell is foreground. ``given_counts=False``
+        returns scvi-tools' quantity, :math:`E_q[1 - \pi_{nt}]`: the prior weight of the
+        foreground given ``z``, before the count is seen (a cell whose count sits at the
+        background level may still get a high value there if its neighbours in ``z`` are
+        foreground). Where a protein was not measured there is no count and both are
+        :math:`E_q[1 - \pi_{nt}]`; declared isotype controls are background (0) either way.
+
+        Parameters
+        ----------
+        transform_batch
+            Decode as if in this batch (or the average over a list); needs
+            ``given_counts=False``, since the counts were observed in the cell's own batch.
+        given_counts
+            ``True``: the responsibility above; ``False``: :math:`E_q[1 - \pi]`; ``None``
+            (default): ``True`` unless ``transform_batch`` is given.
+        n_samples, return_mean, return_numpy, batch_size, silent
+            As scvi-tools (``silent`` is accepted and ignored: no progress bar is shown).
+
+        Returns
+        -------
+        DataFrame (cells x proteins), or an array (``(n_samples, cells, proteins)`` with
+        ``return_mean=False``).
+        """
+        given = self._given_counts(given_counts, transform_batch)
         data, idx = self._prepare(adata, indices)
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
         p_t = torch.from_numpy(p_sel).to(self.device)
+        site = PI_GIVEN_Y if given else "pi"
         (out,) = self._average_draws(
-            data, idx, batch_size, self._batch_codes(transform_batch), n_samples, ["pi"],
-            lambda mb, d: (1 - d["pi"][:, p_t],), (len(p_sel),), return_mean)
+            data, idx, batch_size, self._batch_codes(transform_batch), n_samples, [site],
+            lambda mb, d: (1 - d[site][:, p_t],), (len(p_sel),), return_mean)
         if return_numpy or not return_mean:
             return out
         return pd.DataFrame(out, index=self._cell_names(adata, idx),
                             columns=np.asarray(self.registry["protein_names"])[p_sel])
+
+    def get_protein_positive_calls(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        protein_list: Sequence[str] | None = None,
+        threshold: float = 0.5,
+        n_samples: int = 10,
+        given_counts: bool = True,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        r"""Call each protein positive (foreground) or not in each cell: a boolean DataFrame.
+
+        A cell is positive for protein ``t`` when its foreground probability
+        (:meth:`get_protein_foreground_probability`, by default the posterior
+        :math:`E_q[P(v_{nt} = 0 \mid y_{nt}, z_n, \beta_{nt})]` from ``n_samples`` draws)
+        exceeds ``threshold``. Declared isotype controls are never positive. Gate on these
+        calls, or tabulate them with :meth:`get_protein_foreground_summary`.
+        """
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        fg = self.get_protein_foreground_probability(
+            adata, indices, protein_list=protein_list, n_samples=n_samples,
+            batch_size=batch_size, given_counts=given_counts)
+        return fg > threshold
+
+    def get_protein_foreground_summary(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        threshold: float = 0.5,
+        n_samples: int = 10,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Per protein: how often it is foreground, and its background level in each batch.
+
+        Columns: ``isotype_control`` (declared at setup), ``mean_foreground_probability`` and
+        ``fraction_positive`` (cells called positive at ``threshold``, see
+        :meth:`get_protein_positive_calls`), and ``background_mean_<batch>``: the mean over the
+        batch's cells of :math:`E_q[\beta_{nt}]`, the expected background count (ambient and
+        non-specific antibody) of protein ``t``; NaN for a batch without cells among
+        ``indices``. One row per protein, ready for a table.
+        """
+        data, idx = self._prepare(adata, indices)
+        fg = self.get_protein_foreground_probability(adata, idx, n_samples=n_samples,
+                                                     batch_size=batch_size, given_counts=True)
+        background = self.get_protein_background_mean(adata, idx, n_samples=n_samples,
+                                                      batch_size=batch_size)
+        names = [str(p) for p in self.registry["protein_names"]]
+        isotypes = set(str(p) for p in self.registry.get("isotype_controls") or [])
+        table = pd.DataFrame({
+            "isotype_control": [p in isotypes for p in names],
+            "mean_foreground_probability": fg.to_numpy().mean(0),
+            "fraction_positive": (fg.to_numpy() > threshold).mean(0)}, index=names)
+        table.index.name = "protein"
+        batches = data.batch[idx]
+        for code, category in enumerate(self.registry["batch_categories"]):
+            cells = batches == code
+            table[f"background_mean_{category}"] = (background[cells].mean(0) if cells.any()
+                                                    else np.nan)
+        return table
 
     @torch.no_grad()
     def posterior_predictive_sample(

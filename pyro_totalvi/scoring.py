@@ -12,7 +12,8 @@ Site masks apply (unmeasured proteins add nothing); plate scales and ``poutine.s
 (subsampling, KL warm-up, modality tempering) do **not**: reported values are those of the model
 at weight 1. Sites marked as non-model factors (:func:`pyro_totalvi.model.penalty`) are skipped.
 A site outside the cell plate (a global prior term) is spread evenly over the ``n_obs`` cells of
-the plate.
+the plate. Empty droplets are not cells: their terms are scored on their own plate
+(:func:`droplet_elbo`), not spread over the cells.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .data import CiteData
 from .device import module_device
 from .model import PENALTY
 
-__all__ = ["trace_terms", "score_minibatch", "elbo_terms", "evaluate", "site_log_prob"]
+__all__ = ["trace_terms", "score_minibatch", "elbo_terms", "evaluate", "site_log_prob",
+           "protein_terms", "droplet_elbo"]
 
 
 def site_log_prob(site: dict) -> torch.Tensor:
@@ -43,8 +45,8 @@ def _is_scored(site: dict) -> bool:
             and not site["infer"].get("_deterministic") and not site["infer"].get(PENALTY))
 
 
-def _cells_frame(site: dict):
-    return next((f for f in site["cond_indep_stack"] if f.name == "cells"), None)
+def _cells_frame(site: dict, plate: str = "cells"):
+    return next((f for f in site["cond_indep_stack"] if f.name == plate), None)
 
 
 def _latent_term(site: dict, q_site: dict, kl: str) -> torch.Tensor:
@@ -62,10 +64,12 @@ def _latent_term(site: dict, q_site: dict, kl: str) -> torch.Tensor:
 
 
 def trace_terms(model_trace, guide_trace, kl: Literal["analytic", "sample"] = "analytic",
-                ) -> dict[str, torch.Tensor]:
+                plate: str = "cells") -> dict[str, torch.Tensor]:
     """Per-cell terms ``(B,)`` of the ELBO, one per model sample site (see the module docstring).
 
-    The ELBO of each cell is the sum of the returned terms; with ``kl="sample"`` that sum is
+    ``plate`` names the plate whose members get one term each (``"droplets"`` for empty
+    droplets). The ELBO of each cell is the sum of the returned terms; with ``kl="sample"`` that
+    sum is
     :math:`\\log p(\\ldots) - \\log q(\\ldots)` at the guide's draw.
     """
     terms, global_terms = {}, {}
@@ -77,7 +81,7 @@ def trace_terms(model_trace, guide_trace, kl: Literal["analytic", "sample"] = "a
             value = site_log_prob(site)
         else:
             value = _latent_term(site, q_site, kl)
-        frame = _cells_frame(site)
+        frame = _cells_frame(site, plate)
         if frame is None:
             global_terms[name] = value.sum()
             continue
@@ -85,8 +89,8 @@ def trace_terms(model_trace, guide_trace, kl: Literal["analytic", "sample"] = "a
         terms[name] = value.reshape(value.shape[0], -1).sum(-1)
     if global_terms:  # spread over the plate's n_obs cells: summed over all cells, it is whole
         n_cells = len(next(iter(terms.values())))
-        plate = model_trace.nodes.get("cells")  # the subsample site knows the full size
-        n_obs = plate["fn"].size if plate is not None else n_cells
+        sub = model_trace.nodes.get(plate)  # the subsample site knows the full size
+        n_obs = sub["fn"].size if sub is not None else n_cells
         for name, value in global_terms.items():
             terms[name] = (value / n_obs).expand(n_cells)
     return terms
@@ -148,6 +152,68 @@ def elbo_terms(module, data: CiteData, indices: np.ndarray,
     and warm-up weights are not included.
     """
     return _negative_term_means(module, data, indices, batch_size)[0]
+
+
+@torch.no_grad()
+def protein_terms(module, data: CiteData, indices: np.ndarray,
+                  batch_size: int = 1024) -> dict[str, np.ndarray]:
+    r"""Per-protein means over the cells ``indices`` of the protein terms of the ELBO.
+
+    ``"y"``: :math:`\log p(y_{nt} \mid z_n, \beta_{nt})` (``v`` summed out, one draw of q),
+    ``"beta"``: :math:`-\mathrm{KL}(q(\beta_{nt}) \,\|\, p(\beta_{nt}))`, each an array
+    ``(T,)`` (unmeasured entries add 0): the same terms as :func:`trace_terms`, not summed over
+    proteins, so that a subset of proteins (e.g. all but the isotype controls) can be compared.
+    With a per-cell background shift, ``"background_scale"`` ``(1,)`` is its -KL, a term that
+    all proteins of a cell share.
+    """
+    was_training = module.training
+    module.eval()
+    device = module_device(module)
+    sums = {"y": 0.0, "beta": 0.0}
+    try:
+        with module.fast_calls(), module.v_summed_out():
+            for start in range(0, len(indices), batch_size):
+                mb = data.minibatch(indices[start : start + batch_size], device)
+                args, kwargs = mb.args(), dict(mb.kwargs(), idx=mb.idx, n_obs=data.n_obs)
+                guide_tr = poutine.trace(module.guide).get_trace(*args, **kwargs)
+                model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
+                    *args, **kwargs)
+                sums["y"] = sums["y"] + site_log_prob(model_tr.nodes["y"]).sum(0)
+                sums["beta"] = sums["beta"] + _latent_term(
+                    model_tr.nodes["beta"], guide_tr.nodes["beta"], "analytic").sum(0)
+                if "background_scale" in model_tr.nodes:  # shared by all proteins of a cell
+                    sums["background_scale"] = sums.get("background_scale", 0.0) + _latent_term(
+                        model_tr.nodes["background_scale"], guide_tr.nodes["background_scale"],
+                        "analytic").sum().reshape(1)
+    finally:
+        module.train(was_training)
+    n = max(len(indices), 1)
+    return {k: (v / n).cpu().numpy() for k, v in sums.items()}
+
+
+@torch.no_grad()
+def droplet_elbo(module, droplets, batch_size: int = 1024) -> float:
+    """Negative ELBO per empty droplet (all droplets, full weight): their own terms of the
+    training objective, ``droplet_y`` and the KL of ``droplet_beta``, from :func:`trace_terms`
+    on the ``"droplets"`` plate. Reported apart from the cells' per-cell ELBO (module docstring
+    of :mod:`pyro_totalvi.model`)."""
+    was_training = module.training
+    module.eval()
+    device = module_device(module)
+    total = 0.0
+    try:
+        with module.fast_calls():
+            for start in range(0, droplets.n_obs, batch_size):
+                batch = droplets.minibatch(np.arange(start, min(start + batch_size,
+                                                                droplets.n_obs)), device)
+                guide_tr = poutine.trace(module.droplet_guide).get_trace(batch)
+                model_tr = poutine.trace(poutine.replay(module.droplet_model, trace=guide_tr)
+                                         ).get_trace(batch)
+                terms = trace_terms(model_tr, guide_tr, plate="droplets")
+                total -= sum(v.sum().item() for v in terms.values())
+    finally:
+        module.train(was_training)
+    return total / max(droplets.n_obs, 1)
 
 
 def evaluate(module, data: CiteData, indices: np.ndarray, batch_size: int = 1024):

@@ -32,13 +32,43 @@ def simulate(
     chunk_size: int = 10000,
     rna_group_signal: bool = True,
     protein_group_signal: bool = True,
-) -> ad.AnnData:
+    foreground_fraction: float = 0.5,
+    foreground_ratio: tuple[float, float] = (5.0, 20.0),
+    background_cell_sd: float = 0.0,
+    n_isotypes: int = 0,
+    n_empty_droplets: int = 0,
+    droplet_background_ratio: float = 0.5,
+):
     """Draw a CITE-seq data set from the totalVI generative process (Eqs. 1-14).
 
     Cells belong to ``n_groups`` well-separated clusters in ``z`` (Eq. 1 with group means).
     ``log rho`` is linear in ``z`` for a random ``de_fraction`` of genes and constant otherwise, so
     those genes are the planted differentially expressed ones; each protein is foreground in a
-    random half of the groups (``pi`` low) and background elsewhere (``pi`` high).
+    random ``foreground_fraction`` of the groups (``pi`` about 0.05) and background elsewhere
+    (``pi`` about 0.95), so about ``0.05 + 0.9 * foreground_fraction`` of the cells are positive.
+
+    Parameters
+    ----------
+    foreground_fraction
+        Probability that a group expresses a protein (0: every protein is background in every
+        group, up to the 5 % of cells drawn foreground by ``pi``; 1: foreground everywhere).
+    foreground_ratio
+        Range of the foreground-to-background ratio ``alpha - 1`` (log-uniform per protein);
+        e.g. ``(1.5, 3.0)`` for a weak foreground.
+    background_cell_sd
+        SD of a per-cell shift ``b_n ~ Normal(0, sd)`` of ``log beta`` shared by every protein
+        of the cell (non-specific binding that varies between cells); 0: none.
+    n_isotypes
+        Isotype-control columns ``isotype_0, ...`` appended to the proteins: background only
+        (``v = 1``), with the same per-cell shift; their names go to
+        ``uns["isotype_controls"]``.
+    n_empty_droplets
+        Also draw this many empty droplets (protein counts of ambient antibody only): ``log
+        beta ~ Normal(c_t^T s + log droplet_background_ratio, d_t^T s)``, the cells' background
+        prior of Eq. (11) times ``droplet_background_ratio``, without the per-cell shift.
+
+    The options draw from their own random stream: at their defaults the data are exactly those
+    of earlier versions.
 
     ``rna_group_signal=False`` makes the RNA independent of ``z`` (no planted DE gene: every cell
     draws from the same ``rho`` up to its batch); ``protein_group_signal=False`` gives every
@@ -57,17 +87,26 @@ def simulate(
         ``obsm["true_v"]`` (1 = background), ``obsm["true_beta"]``, ``obsm["true_pi"]``,
         ``obs["true_library"]``, ``var["de"]`` (planted DE gene), ``uns["protein_de"]``
         (planted DE protein), ``varm["true_group_log_rho"]`` and
-        ``uns["true_group_foreground"]`` (groups x proteins).
+        ``uns["true_group_foreground"]`` (groups x proteins); with ``background_cell_sd``,
+        ``obs["true_background_shift"]``. With ``n_empty_droplets``, the pair
+        ``(adata, droplets)``: ``droplets`` is an AnnData of the droplets (ambient RNA counts in
+        ``X``, ``obsm["protein_expression"]``, ``obs["batch"]``, ``obsm["true_beta"]``).
     """
+    options = dict(foreground_fraction=foreground_fraction, foreground_ratio=foreground_ratio,
+                   background_cell_sd=background_cell_sd, n_isotypes=n_isotypes,
+                   n_empty_droplets=n_empty_droplets,
+                   droplet_background_ratio=droplet_background_ratio)
     chunks = list(simulate_chunks(n_cells, n_genes, n_proteins, n_batches, n_groups, seed,
                                   n_latent, de_fraction, chunk_size, rna_group_signal,
-                                  protein_group_signal))
+                                  protein_group_signal, **options))
+    droplets = chunks.pop() if n_empty_droplets else None
     if len(chunks) == 1:
-        return chunks[0]
-    adata = ad.concat(chunks, merge="same")
-    adata.uns = chunks[0].uns
-    adata.X = adata.X.tocsr()
-    return adata
+        adata = chunks[0]
+    else:
+        adata = ad.concat(chunks, merge="same")
+        adata.uns = chunks[0].uns
+        adata.X = adata.X.tocsr()
+    return adata if droplets is None else (adata, droplets)
 
 
 def simulate_chunks(
@@ -82,28 +121,38 @@ def simulate_chunks(
     chunk_size: int = 10000,
     rna_group_signal: bool = True,
     protein_group_signal: bool = True,
+    **options,
 ):
     """:func:`simulate`, one AnnData per ``chunk_size`` cells, all from the same parameters.
 
     For data sets too large to hold in memory: write each chunk to disk as it comes
-    (``benchmarks/scale.py`` builds a million-cell ``.h5ad`` this way).
+    (``benchmarks/scale.py`` builds a million-cell ``.h5ad`` this way). ``options`` are
+    :func:`simulate`'s background options; with ``n_empty_droplets``, the droplets' AnnData
+    comes last.
     """
     rng = np.random.default_rng(seed)
-    p = _parameters(rng, n_genes, n_proteins, n_batches, n_groups, n_latent, de_fraction)
+    p = _parameters(rng, n_genes, n_proteins, n_batches, n_groups, n_latent, de_fraction,
+                    options.get("foreground_fraction", 0.5),
+                    options.get("foreground_ratio", (5.0, 20.0)))
     if not rna_group_signal:  # after all draws of _parameters: the same random stream
         p["W"], p["de"] = np.zeros_like(p["W"]), np.zeros_like(p["de"])
         base = p["gene_base"] - np.log(np.exp(p["gene_base"]).sum())
         p["group_log_rho"] = np.repeat(base[:, None], n_groups, axis=1)
     if not protein_group_signal:
         p["foreground"] = np.broadcast_to(p["foreground"][:1], p["foreground"].shape).copy()
+    # the background options draw from a stream of their own: the default output is unchanged
+    p["extra"] = _background_parameters(np.random.default_rng([seed, 13]), p, **options)
     groups = rng.integers(0, n_groups, n_cells)
     batches = rng.integers(0, n_batches, n_cells)
     for start in range(0, n_cells, chunk_size):
         yield _chunk(rng, p, groups[start : start + chunk_size],
                      batches[start : start + chunk_size], start)
+    if p["extra"]["n_empty_droplets"]:
+        yield _droplets(p)
 
 
-def _parameters(rng, G, T, K, n_groups, n_latent, de_fraction) -> dict:
+def _parameters(rng, G, T, K, n_groups, n_latent, de_fraction, foreground_fraction=0.5,
+                foreground_ratio=(5.0, 20.0)) -> dict:
     """The simulator's global parameters: group centres, gene and protein effects, priors."""
     p = {"K": K, "n_groups": n_groups, "n_latent": n_latent}
     # Group centres far apart relative to the within-group spread of z.
@@ -116,14 +165,36 @@ def _parameters(rng, G, T, K, n_groups, n_latent, de_fraction) -> dict:
     p["lib_mu"] = np.log(2000.0) + rng.normal(0, 0.3, K)
     # Proteins: foreground pattern per group; pi is a smooth function of z through the
     # group-weighted pattern (a soft nearest-centre rule) so it stays a function of (z, s).
-    p["foreground"] = rng.random((n_groups, T)) < 0.5
-    p["log_fg_ratio"] = rng.uniform(np.log(5.0), np.log(20.0), T)  # alpha - 1 scale
+    p["foreground"] = rng.random((n_groups, T)) < foreground_fraction
+    p["log_fg_ratio"] = rng.uniform(*np.log(foreground_ratio), T)  # alpha - 1 scale
     p["c"] = rng.normal(np.log(30.0), 0.6, T)[:, None] + rng.normal(0, 0.3, (1, K))  # c_t^T s
     p["d"] = np.full((T, K), 0.35)
     p["phi"] = np.exp(rng.normal(np.log(8.0), 0.3, T))
     log_rho = p["gene_base"][:, None] + p["W"] @ p["centres"].T
     p["group_log_rho"] = log_rho - np.log(np.exp(log_rho).sum(0, keepdims=True))
     return p
+
+
+def _background_parameters(rng, p: dict, foreground_fraction=0.5, foreground_ratio=(5.0, 20.0),
+                           background_cell_sd=0.0, n_isotypes=0, n_empty_droplets=0,
+                           droplet_background_ratio=0.5) -> dict:
+    """Parameters of the background options (isotypes, per-cell shift, empty droplets)."""
+    K = p["K"]
+    extra = {"rng": rng, "cell_sd": float(background_cell_sd), "n_isotypes": int(n_isotypes),
+             "n_empty_droplets": int(n_empty_droplets),
+             "droplet_log_ratio": float(np.log(droplet_background_ratio))}
+    if n_isotypes:  # ambient levels in the range of the other proteins' backgrounds
+        extra["c"] = rng.normal(np.log(15.0), 0.5, n_isotypes)[:, None] + rng.normal(0, 0.3, (1, K))
+        extra["d"] = np.full((n_isotypes, K), 0.35)
+        extra["phi"] = np.exp(rng.normal(np.log(8.0), 0.3, n_isotypes))
+    return extra
+
+
+def _isotype_counts(extra: dict, b: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Background-only counts and backgrounds of the isotype controls for cells in batches ``b``."""
+    rng = extra["rng"]
+    beta = np.exp(rng.normal(extra["c"][:, b].T, extra["d"][:, b].T) + shift[:, None])
+    return _nb(rng, beta, extra["phi"][None]), beta
 
 
 def _chunk(rng, p: dict, g: np.ndarray, b: np.ndarray, start: int) -> ad.AnnData:
@@ -143,8 +214,20 @@ def _chunk(rng, p: dict, g: np.ndarray, b: np.ndarray, start: int) -> ad.AnnData
     lib = np.exp(rng.normal(p["lib_mu"][b], 0.3))  # (5)
     x = _nb(rng, lib[:, None] * rho, p["theta"][None])  # (10)
     beta = np.exp(rng.normal(p["c"][:, b].T, p["d"][:, b].T))  # (11)
+    extra = p["extra"]
+    shift = np.zeros(n)
+    if extra["cell_sd"]:  # non-specific binding shared by the proteins of a cell
+        shift = extra["rng"].normal(0.0, extra["cell_sd"], n)
+        beta = beta * np.exp(shift)[:, None]
     v = (rng.random((n, T)) < pi).astype(np.float32)  # (12)
     y = _nb(rng, v * beta + (1 - v) * beta * alpha, p["phi"][None])  # (14)
+    protein_names = [f"protein_{t}" for t in range(T)]
+    if extra["n_isotypes"]:
+        y_iso, beta_iso = _isotype_counts(extra, b, shift)
+        y, beta = np.hstack([y, y_iso]), np.hstack([beta, beta_iso])
+        v = np.hstack([v, np.ones_like(y_iso)])
+        pi = np.hstack([pi, np.ones_like(y_iso)])
+        protein_names += [f"isotype_{i}" for i in range(extra["n_isotypes"])]
     names = [f"cell_{i}" for i in range(start, start + n)]
     batch_names = [f"batch_{i}" for i in range(p["K"])]
     group_names = [f"group_{i}" for i in range(p["n_groups"])]
@@ -154,8 +237,7 @@ def _chunk(rng, p: dict, g: np.ndarray, b: np.ndarray, start: int) -> ad.AnnData
         "true_library": lib}, index=names)
     var = pd.DataFrame({"de": p["de"]}, index=[f"gene_{i}" for i in range(G)])
     chunk = ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=var)
-    chunk.obsm["protein_expression"] = pd.DataFrame(
-        y, index=names, columns=[f"protein_{t}" for t in range(T)])
+    chunk.obsm["protein_expression"] = pd.DataFrame(y, index=names, columns=protein_names)
     chunk.obsm["true_z"] = z.astype(np.float32)
     chunk.obsm["true_v"] = v
     chunk.obsm["true_beta"] = beta.astype(np.float32)
@@ -164,4 +246,35 @@ def _chunk(rng, p: dict, g: np.ndarray, b: np.ndarray, start: int) -> ad.AnnData
     chunk.uns["true_group_foreground"] = p["foreground"]
     # A protein is planted-DE when it is foreground in some groups but not in others.
     chunk.uns["protein_de"] = p["foreground"].any(0) & ~p["foreground"].all(0)
+    if extra["cell_sd"]:
+        chunk.obs["true_background_shift"] = shift.astype(np.float32)
+    if extra["n_isotypes"]:
+        chunk.uns["isotype_controls"] = protein_names[T:]
     return chunk
+
+
+def _droplets(p: dict) -> ad.AnnData:
+    """Empty droplets: ambient protein counts at ``droplet_background_ratio`` times the cells'
+    background prior (no per-cell shift, no foreground), and a few ambient RNA counts."""
+    extra, rng, K = p["extra"], p["extra"]["rng"], p["K"]
+    n = extra["n_empty_droplets"]
+    b = rng.integers(0, K, n)
+    c, d, phi = p["c"], p["d"], p["phi"]
+    names = [f"protein_{t}" for t in range(len(phi))]
+    if extra["n_isotypes"]:
+        c, d = np.vstack([c, extra["c"]]), np.vstack([d, extra["d"]])
+        phi = np.concatenate([phi, extra["phi"]])
+        names += [f"isotype_{i}" for i in range(extra["n_isotypes"])]
+    beta = np.exp(rng.normal(c[:, b].T + extra["droplet_log_ratio"], d[:, b].T))
+    y = _nb(rng, beta, phi[None])
+    rho = np.exp(p["gene_base"] - p["gene_base"].max())
+    x = rng.poisson(20.0 * rho / rho.sum(), (n, len(rho))).astype(np.float32)
+    batch_names = [f"batch_{i}" for i in range(K)]
+    obs_names = [f"droplet_{i}" for i in range(n)]
+    obs = pd.DataFrame({"batch": pd.Categorical([batch_names[i] for i in b],
+                                                categories=batch_names)}, index=obs_names)
+    droplets = ad.AnnData(X=sp.csr_matrix(x), obs=obs,
+                          var=pd.DataFrame(index=[f"gene_{i}" for i in range(len(rho))]))
+    droplets.obsm["protein_expression"] = pd.DataFrame(y, index=obs_names, columns=names)
+    droplets.obsm["true_beta"] = beta.astype(np.float32)
+    return droplets

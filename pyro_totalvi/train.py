@@ -42,7 +42,7 @@ from .data import CiteData, TotalVIDataError
 from .device import module_device, resolve_device
 from .model import TotalVIModule
 from .rng import rng_scope, seed_torch
-from .scoring import elbo_terms, evaluate
+from .scoring import droplet_elbo, elbo_terms, evaluate
 
 __all__ = [
     "train",
@@ -333,9 +333,27 @@ class Trainer:
     def _minibatches(self):
         block = 32 if getattr(self.data, "backed", False) else 1  # contiguous disk reads
         device = module_device(self.module)
+        droplets = self._droplets()
         for chunk in _batches(self.train_idx, self.plan.batch_size, self.rng, block, self.rank,
                               self.world):
-            yield self.data.minibatch(chunk, device)
+            mb = self.data.minibatch(chunk, device)
+            if droplets is not None:
+                # A fresh random subsample of the droplets at every step, scaled by their plate
+                # (n_droplets / size): the step's loss stays an unbiased estimate of the ELBO.
+                size = min(droplets.n_obs, self.plan.batch_size)
+                mb.extras["droplets"] = droplets.minibatch(
+                    self.rng.choice(droplets.n_obs, size, replace=False), device)
+            yield mb
+
+    def _droplets(self):
+        """The empty droplets the module models (``None`` when it models none)."""
+        if not getattr(self.module, "empty_droplets", False):
+            return None
+        droplets = getattr(self.data, "droplets", None)
+        if droplets is None:
+            raise TotalVIDataError("the module models empty droplets (empty_droplets=True) but "
+                                   "the data has none registered")
+        return droplets
 
     def _step(self, elbo, mb) -> torch.Tensor:
         """One SVI step on minibatch ``mb``; returns the per-cell loss (on the device)."""
@@ -418,6 +436,8 @@ class Trainer:
                 terms = {k: total / len(idx) for k, total in zip(part_terms, sums)}
             for key, value in terms.items():
                 row[f"{key}_{name}"] = value
+        if getattr(self.module, "empty_droplets", False):
+            row["elbo_droplets"] = droplet_elbo(self.module, self._droplets())
 
     def _end_epoch(self, epoch: int, losses: torch.Tensor) -> dict:
         """Record the epoch, update the schedule and early stopping; the epoch's history row."""
@@ -567,8 +587,9 @@ def train(
     history
         One row per epoch: ``elbo_train``, ``elbo_validation``, ``reconstruction_loss_*``,
         ``kl_local_*`` (per cell, full KL weight), ``loss_train`` (the optimised objective with
-        the warm-up weight), ``kl_weight`` and ``lr``. After ``resume``, the checkpointed epochs
-        come first.
+        the warm-up weight), ``kl_weight`` and ``lr``; with empty droplets,
+        ``elbo_droplets`` (negative ELBO per droplet, their own terms of the objective). After
+        ``resume``, the checkpointed epochs come first.
     split
         ``{"train": indices, "validation": indices}``.
     """

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +33,21 @@ def test_compare_scvi_small_runs_our_side(tmp_path):
     for phase in ("latent", "normexpr", "de"):
         assert ours[f"{phase}_s"] > 0 and ours[f"{phase}_peak_rss_mb"] > 0
     assert "-ELBO/cell, held-out cells" in proc.stdout
+
+
+@pytest.mark.slow
+def test_background_small_runs_our_side(tmp_path):
+    """benchmarks/background.py in smoke mode: one simulated setting (and the ECCITE-seq file
+    when ../shared/data has it), a few epochs, our side only."""
+    out = tmp_path / "background.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "background.py"), "--small", "--no-scvi",
+         "--out-json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    (sim,) = res["sim"]
+    assert set(sim["auc"]) == {"log-ratio baseline", "before", "plain", "isotypes",
+                               "isotypes + droplets"}
+    assert all(0.0 <= v <= 1.0 for v in sim["auc"].values())
+    assert all(math.isfinite(v) for v in sim["protein_elbo"].values())
+    assert "ROC AUC of the foreground probability" in proc.stdout
