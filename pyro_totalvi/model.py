@@ -44,20 +44,24 @@ from torch import nn
 from .distributions import NegativeBinomial, NegativeBinomialMixture
 from .nn import BackgroundEncoder, Decoder, Encoder
 
-__all__ = ["TotalVIModule", "penalty", "PENALTY"]
+__all__ = ["TotalVIModule", "penalty", "PENALTY", "MAX_PLATE_NESTING"]
 
 #: ``infer`` key that marks a site as a non-model factor (see :func:`penalty`).
 PENALTY = "penalty"
+#: Plates nest two deep (cells at ``dim=-2``, genes or proteins at ``dim=-1``); enumerated sites
+#: take the dimensions to the left, from ``-(MAX_PLATE_NESTING + 1)`` on.
+MAX_PLATE_NESTING = 2
 
 
-def penalty(name: str, log_factor: torch.Tensor) -> None:
+def penalty(name: str, log_factor: torch.Tensor, has_rsample: bool | None = None) -> None:
     """Add ``log_factor`` to the training objective as a *non-model* term.
 
     Like ``pyro.factor``, but the site carries ``infer={"penalty": True}``: SVI optimises it,
     while :func:`pyro_totalvi.scoring.trace_terms` (and so every reported ELBO, reconstruction
-    error and marginal likelihood) leaves it out.
+    error and marginal likelihood) leaves it out. In a guide, a factor enters the ELBO as
+    ``-log_factor`` and Pyro asks for ``has_rsample`` (``True``: differentiate it directly).
     """
-    unit = dist.Unit(log_factor)
+    unit = dist.Unit(log_factor, has_rsample=has_rsample)
     pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True, PENALTY: True})
 
 
@@ -132,6 +136,9 @@ class TotalVIModule(nn.Module):
         self.use_observed_lib_size = use_observed_lib_size
         self.background_preference = background_preference
         self.protein_warmup = protein_warmup
+        #: encoder sizes, for an extension's networks on the guide side (e.g. a classifier)
+        self.encoder_sizes = dict(n_hidden=n_hidden, n_layers=n_layers_encoder,
+                                  dropout=dropout_rate_encoder)
         n_cov = n_batches + n_covariates
 
         self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0,
@@ -160,6 +167,16 @@ class TotalVIModule(nn.Module):
             zeros + 1 if library_log_vars is None else library_log_vars, dtype=torch.float32))
 
     # ------------------------------------------------------------------------------------------
+    #: Names of the per-cell extension inputs (``Minibatch.extras``, registered with
+    #: :func:`pyro_totalvi.data.register_obs_codes`) that :meth:`model` and :meth:`guide` take as
+    #: keyword arguments; the base model takes none.
+    extra_inputs: tuple[str, ...] = ()
+
+    @property
+    def enumerates(self) -> bool:
+        """Whether a site is enumerated in parallel (then train with ``TraceEnum_ELBO``)."""
+        return self.protein_mixture == "enumerate"
+
     #: Register the networks with Pyro's param store on every call, so that ``pyro.infer.SVI``
     #: with a ``pyro.optim`` optimiser sees them. :func:`pyro_totalvi.train.train` optimises
     #: ``module.parameters()`` directly and switches this off: it was 7% of a training step.
