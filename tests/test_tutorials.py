@@ -10,7 +10,7 @@ nbclient = pytest.importorskip("nbclient")
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 EXPECTED = ["01_model_from_equations", "02_cite_seq_analysis", "03_extending_the_model",
-            "04_predictive_checks"]
+            "04_predictive_checks", "06_labels"]
 
 
 def execute(path: Path) -> nbformat.NotebookNode:
