@@ -72,7 +72,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
     module_class
         A subclass of :class:`~pyro_totalvi.TotalVIModule` (e.g. with another likelihood in an
         overridden ``model``) built with the same arguments; training, queries and
-        ``load(..., module_class=)`` then use it.
+        ``load(..., module_class=)`` then use it. Default: the class's ``_module_cls``.
     **network_kwargs
         ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``,
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
@@ -105,9 +105,10 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         use_observed_lib_size: bool = True,
         empirical_protein_background_prior: bool | None = None,
         seed: int = 0,
-        module_class: type[TotalVIModule] = TotalVIModule,
+        module_class: type[TotalVIModule] | None = None,
         **network_kwargs,
     ):
+        module_class = module_class or self._module_cls
         #: the MuData given, if any; :attr:`adata` is then its RNA modality as an AnnData with
         #: the protein counts in ``obsm["protein_expression"]`` (see :meth:`setup_mudata`)
         self.mdata = None
@@ -120,7 +121,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             adata = anndata_from_mudata(self.mdata, registry)
             adata.uns[REGISTRY_KEY] = registry
         self.adata = adata
-        self.data = CiteData(adata)
+        self.data = CiteData(adata, extras=module_class.extra_inputs)
         self.registry = self.data.registry
         if empirical_protein_background_prior is None:
             empirical_protein_background_prior = self.data.n_proteins > 10
@@ -150,6 +151,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
                 background_prior_mean=prior_mean,
                 background_prior_scale=prior_scale,
                 **network,
+                **self._module_kwargs(),
             )
         if "modality_weights" in self.init_params:  # validated floats: JSON-safe in save()
             self.init_params["modality_weights"] = dict(self.module.modality_weights)
@@ -188,9 +190,17 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             options["empty_droplets"] = True
         return options
 
+    #: The module class built by default (``module_class=None``), here and in :meth:`load`.
+    _module_cls: type[TotalVIModule] = TotalVIModule
+
+    def _module_kwargs(self) -> dict:
+        """Module arguments that follow from the registered data (none here; a subclass's module
+        may need some, e.g. the number of labels). Not stored in ``init_params``."""
+        return {}
+
     def __repr__(self) -> str:
         d = self.data
-        return (f"TOTALVI: {d.n_obs} cells, {d.n_genes} genes, {d.n_proteins} proteins, "
+        return (f"{type(self).__name__}: {d.n_obs} cells, {d.n_genes} genes, {d.n_proteins} proteins, "
                 f"{d.n_batches} batches, {d.n_covariates} covariate columns, "
                 f"n_latent={self.module.n_latent}, "
                 f"protein_mixture={self.module.protein_mixture!r}, trained={self.is_trained}")
@@ -418,7 +428,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
                 f"(n={adata.n_vars} vs {len(var_names)}; unknown: {extra}, missing: {absent}); "
                 "subset and order them as adata_train.var_names"
             )
-        return CiteData(adata, self.registry)
+        return CiteData(adata, self.registry, extras=self.module.extra_inputs)
 
     @staticmethod
     def _indices(data: CiteData, indices) -> np.ndarray:
@@ -442,6 +452,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         path.mkdir(parents=True, exist_ok=True)
         settings = {
             "format_version": FORMAT_VERSION,
+            "model_class": type(self).__name__,
             "init_params": self.init_params,
             "registry": _jsonable(self.registry),
             "var_names": list(map(str, self.adata.var_names)),
@@ -458,7 +469,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData,
-             module_class: type[TotalVIModule] = TotalVIModule, accelerator: str = "auto",
+             module_class: type[TotalVIModule] | None = None, accelerator: str = "auto",
              device: int | str | torch.device = "auto") -> TOTALVI:
         """Load a saved model for ``adata``; genes, proteins and batches must match the saved ones.
 
@@ -470,6 +481,10 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         path = Path(dir_path)
         user_registry = adata.uns.get(REGISTRY_KEY)  # put back afterwards, untouched
         settings, params = read_saved_model(path)
+        saved_class = settings.get("model_class", "TOTALVI")
+        if saved_class not in {c.__name__ for c in cls.__mro__}:
+            raise ValueError(f"{path} holds a {saved_class} model; load it with "
+                             f"{saved_class}.load")
         reg = settings["registry"]
         if is_mudata(adata):
             if "mudata" not in reg:

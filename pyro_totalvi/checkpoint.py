@@ -36,15 +36,16 @@ def data_fingerprint(data: CiteData) -> dict:
     """Shape and a content hash of the training data, cheap and independent of X's storage.
 
     Hashes per-cell library sizes, per-gene totals, protein counts, batch codes and names, the
-    network covariates, the protein mask, and any isotype controls and empty droplets, so
-    different cells, a different order, other counts, other genes, covariates or missing-protein
-    settings are all detected.
+    network covariates, the protein mask, any isotype controls and empty droplets, and extension
+    inputs (labels), so different cells, a different order, other counts, other genes,
+    covariates, missing-protein settings or labels are all detected.
     """
     h = hashlib.blake2b(digest_size=16)
     gene_totals = np.asarray(data.X.sum(axis=0), dtype=np.float64).ravel()
     mask = data.protein_measured if data.cell_protein_mask is None else data.cell_protein_mask
     covariates = np.zeros((data.n_obs, 0)) if data.covariates is None else data.covariates
-    for a in (data.log_library, gene_totals, data.Y, data.batch, covariates, mask):
+    extras = [data.extras[k] for k in sorted(getattr(data, "extras", {}))]  # e.g. labels
+    for a in (data.log_library, gene_totals, data.Y, data.batch, covariates, mask, *extras):
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes() if a.size else b"")

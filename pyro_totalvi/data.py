@@ -29,6 +29,7 @@ __all__ = [
     "DropletBatch",
     "DropletData",
     "register_anndata",
+    "register_obs_codes",
     "library_log_stats",
     "protein_background_prior",
     "covariate_matrix",
@@ -272,6 +273,53 @@ def covariate_matrix(adata: AnnData, registry: dict) -> np.ndarray | None:
     if not blocks:
         return None
     return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extension inputs: further per-cell arrays that a model extension registers (e.g. cell-type labels)
+def register_obs_codes(adata: AnnData, registry: dict, name: str, key: str,
+                       missing: str | None = None, what: str | None = None) -> dict:
+    """Register the categorical column ``adata.obs[key]`` as the per-cell extension input ``name``.
+
+    :class:`CiteData` then holds its integer codes (``-1`` where the value is ``missing``) in
+    ``extras[name]``, and every minibatch passes them to the model and guide as the keyword
+    argument ``name``. The categories (those present besides ``missing``, in categorical order)
+    are recorded in ``registry["extras"][name]``; returns that entry. Writes nothing to ``adata``.
+    """
+    what = what or f"{name} key"
+    col = _obs_column(adata, key, what)
+    missing = None if missing is None else str(missing)
+    categories = [c for c in _categories(col) if c != missing]
+    if not categories:
+        raise TotalVIDataError(
+            f"adata.obs[{key!r}] holds no category besides {missing!r}: nothing to register "
+            f"as {name}")
+    spec = {"obs_key": key, "categories": categories, "missing": missing}
+    registry.setdefault("extras", {})[name] = spec
+    return spec
+
+
+def obs_codes(adata: AnnData, spec: dict, name: str) -> np.ndarray:
+    """Integer codes ``(cells,)`` of a column registered by :func:`register_obs_codes`.
+
+    ``-1`` marks the ``missing`` category, and every cell of an AnnData without the column (a
+    query whose labels are unknown). A category unseen at registration raises, naming it.
+    """
+    key = str(spec["obs_key"])
+    if key not in adata.obs:
+        return np.full(adata.n_obs, -1, dtype=np.int64)
+    values = _obs_column(adata, key, f"{name} key").astype(str).to_numpy()
+    lookup = {str(c): i for i, c in enumerate(spec["categories"])}
+    missing = spec.get("missing")
+    if missing is not None:
+        lookup[str(missing)] = -1
+    unknown = sorted(set(values) - set(lookup))
+    if unknown:
+        raise TotalVIDataError(
+            f"adata.obs[{key!r}] ({name}) has categories unseen at training time: {unknown[:10]}"
+            f"; known: {list(map(str, spec['categories']))[:20]}"
+            + ("" if missing is None else f" and {missing!r} for unknown"))
+    return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
 
 
 def registry_keys(registry: dict, name: str) -> list[str]:
@@ -823,9 +871,13 @@ class CiteData:
         Float ``(cells, p)`` network covariates (:func:`covariate_matrix`) or ``None``.
     droplets
         The registered empty droplets (:class:`DropletData`), or ``None``.
+    extras
+        Per-cell arrays of the registered extension inputs named in ``extras`` (see
+        :func:`register_obs_codes`); each minibatch carries their rows in ``Minibatch.extras``.
     """
 
-    def __init__(self, adata: AnnData, registry: dict | None = None):
+    def __init__(self, adata: AnnData, registry: dict | None = None,
+                 extras: tuple[str, ...] = ()):
         if registry is None:
             if REGISTRY_KEY not in adata.uns:
                 raise TotalVIDataError(
@@ -880,6 +932,13 @@ class CiteData:
                 measured[b] = self.Y[self.batch == b].sum(axis=0) > 0
         self.protein_measured = measured
         self.covariates = covariate_matrix(adata, registry)
+        registered = registry.get("extras") or {}
+        absent = [name for name in extras if name not in registered]
+        if absent:
+            raise TotalVIDataError(
+                f"the model needs the inputs {absent}, which adata's registry lacks (registered:"
+                f" {sorted(registered)}); set it up with the model class's setup_anndata")
+        self.extras = {name: obs_codes(adata, registered[name], name) for name in extras}
         self._eye = torch.eye(self.n_batches)
         entry = registry.get("empty_droplets")
         self.droplets = None if not entry else DropletData(entry, registry, measured)
@@ -930,6 +989,7 @@ class CiteData:
             protein_mask=mask,
             idx=torch.from_numpy(idx),
             covariates=None if self.covariates is None else torch.from_numpy(self.covariates[idx]),
+            extras={name: torch.from_numpy(values[idx]) for name, values in self.extras.items()},
         ).to(device)
 
 

@@ -118,10 +118,13 @@ from .distributions import NegativeBinomial, NegativeBinomialMixture
 from .nn import BackgroundEncoder, CountEncoder, Decoder, Encoder
 
 __all__ = ["TotalVIModule", "penalty", "PENALTY", "BACKGROUND_ONLY_LOGIT", "MODALITIES",
-           "check_modality_weights"]
+           "check_modality_weights", "MAX_PLATE_NESTING"]
 
 #: ``infer`` key that marks a site as a non-model factor (see :func:`penalty`).
 PENALTY = "penalty"
+#: Plates nest two deep (cells at ``dim=-2``, genes or proteins at ``dim=-1``); enumerated sites
+#: take the dimensions to the left, from ``-(MAX_PLATE_NESTING + 1)`` on.
+MAX_PLATE_NESTING = 2
 #: logit pi of a declared isotype control: sigma(w) = 1 and log sigma(-w) = -1e4 in float32, so
 #: the foreground component adds exactly nothing (an infinite logit would make Pyro's Bernoulli
 #: log density NaN in the enumerated form).
@@ -156,14 +159,15 @@ def check_modality_weights(weights: dict | None) -> dict[str, float]:
     return out
 
 
-def penalty(name: str, log_factor: torch.Tensor) -> None:
+def penalty(name: str, log_factor: torch.Tensor, has_rsample: bool | None = None) -> None:
     """Add ``log_factor`` to the training objective as a *non-model* term.
 
     Like ``pyro.factor``, but the site carries ``infer={"penalty": True}``: SVI optimises it,
     while :func:`pyro_totalvi.scoring.trace_terms` (and so every reported ELBO, reconstruction
-    error and marginal likelihood) leaves it out.
+    error and marginal likelihood) leaves it out. In a guide, a factor enters the ELBO as
+    ``-log_factor`` and Pyro asks for ``has_rsample`` (``True``: differentiate it directly).
     """
-    unit = dist.Unit(log_factor)
+    unit = dist.Unit(log_factor, has_rsample=has_rsample)
     pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True, PENALTY: True})
 
 
@@ -269,6 +273,9 @@ class TotalVIModule(nn.Module):
         self.isotype_controls = sorted({int(t) for t in isotype_controls or []})
         self.background_cell_scale = bool(background_cell_scale)
         self.empty_droplets = bool(empty_droplets)
+        #: encoder sizes, for an extension's networks on the guide side (e.g. a classifier)
+        self.encoder_sizes = dict(n_hidden=n_hidden, n_layers=n_layers_encoder,
+                                  dropout=dropout_rate_encoder)
         n_cov = n_batches + n_covariates
 
         self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0,
@@ -315,6 +322,16 @@ class TotalVIModule(nn.Module):
             self.droplet_encoder = CountEncoder(n_proteins, n_proteins, n_batches)
 
     # ------------------------------------------------------------------------------------------
+    #: Names of the per-cell extension inputs (``Minibatch.extras``, registered with
+    #: :func:`pyro_totalvi.data.register_obs_codes`) that :meth:`model` and :meth:`guide` take as
+    #: keyword arguments; the base model takes none.
+    extra_inputs: tuple[str, ...] = ()
+
+    @property
+    def enumerates(self) -> bool:
+        """Whether a site is enumerated in parallel (then train with ``TraceEnum_ELBO``)."""
+        return self.protein_mixture == "enumerate"
+
     #: Register the networks with Pyro's param store on every call, so that ``pyro.infer.SVI``
     #: with a ``pyro.optim`` optimiser sees them. :func:`pyro_totalvi.train.train` optimises
     #: ``module.parameters()`` directly and switches this off: it was 7% of a training step.

@@ -8,6 +8,11 @@ one term per sample site of the model:
   torch knows it, ``kl="analytic"``), or the one-draw estimate :math:`\log p - \log q`
   (``kl="sample"``, the importance weight of :meth:`TOTALVI.get_marginal_ll`).
 
+A discrete site that the guide enumerates in parallel (a cell-type label ``c`` whose guide is a
+classifier q(c | x, y)) is summed out exactly, as ``TraceEnum_ELBO`` does: every term that depends
+on it is averaged over its values with the guide's probabilities,
+:math:`\sum_k q(c = k)\, t_k`, and its own term is :math:`-\mathrm{KL}(q(c) \,\|\, p(c))`.
+
 Site masks apply (unmeasured proteins add nothing); plate scales and ``poutine.scale`` weights
 (subsampling, KL warm-up, modality tempering) do **not**: reported values are those of the model
 at weight 1. Sites marked as non-model factors (:func:`pyro_totalvi.model.penalty`) are skipped.
@@ -28,7 +33,7 @@ from torch.distributions import kl_divergence
 
 from .data import CiteData
 from .device import module_device
-from .model import PENALTY
+from .model import MAX_PLATE_NESTING, PENALTY
 
 __all__ = ["trace_terms", "score_minibatch", "elbo_terms", "evaluate", "site_log_prob",
            "protein_terms", "droplet_elbo"]
@@ -63,16 +68,41 @@ def _latent_term(site: dict, q_site: dict, kl: str) -> torch.Tensor:
     return value if site["mask"] is None else value * site["mask"]
 
 
+def _enumerated(guide_trace) -> tuple[torch.Tensor | None, int]:
+    """Joint guide probabilities of the enumerated values (``None`` if none), and how many
+    dimensions on the right are plates (the enumerated ones lie to their left)."""
+    sites = [site for site in guide_trace.nodes.values()
+             if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None]
+    if not sites:
+        return None, 0
+    n_plates = -max(site["infer"]["_enumerate_dim"] for site in sites) - 1
+    return sum(site_log_prob(site) for site in sites).exp(), n_plates
+
+
+def _expected(value: torch.Tensor, weights: torch.Tensor | None, n_plates: int) -> torch.Tensor:
+    """:math:`\\sum_k q_k t_k` over the enumerated dimensions of a term ``value``.
+
+    A term without them is its own expectation (the guide's probabilities sum to one in every
+    cell); values of probability zero add nothing, whatever the term is there.
+    """
+    if weights is None or value.dim() <= n_plates:
+        return value
+    lead = tuple(range(value.dim() - n_plates))
+    value, weights = torch.broadcast_tensors(value, weights)
+    return torch.where(weights > 0, weights * value, 0.0).sum(lead)
+
+
 def trace_terms(model_trace, guide_trace, kl: Literal["analytic", "sample"] = "analytic",
                 plate: str = "cells") -> dict[str, torch.Tensor]:
     """Per-cell terms ``(B,)`` of the ELBO, one per model sample site (see the module docstring).
 
     ``plate`` names the plate whose members get one term each (``"droplets"`` for empty
     droplets). The ELBO of each cell is the sum of the returned terms; with ``kl="sample"`` that
-    sum is
-    :math:`\\log p(\\ldots) - \\log q(\\ldots)` at the guide's draw.
+    sum is :math:`\\log p(\\ldots) - \\log q(\\ldots)` at the guide's draw (averaged over the
+    values of an enumerated site, which the guide trace must then hold enumerated).
     """
     terms, global_terms = {}, {}
+    weights, n_plates = _enumerated(guide_trace)
     for name, site in model_trace.nodes.items():
         if not _is_scored(site):
             continue
@@ -81,6 +111,7 @@ def trace_terms(model_trace, guide_trace, kl: Literal["analytic", "sample"] = "a
             value = site_log_prob(site)
         else:
             value = _latent_term(site, q_site, kl)
+        value = _expected(value, weights, n_plates)
         frame = _cells_frame(site, plate)
         if frame is None:
             global_terms[name] = value.sum()
@@ -100,8 +131,9 @@ def score_minibatch(module, mb, n_obs: int, kl: Literal["analytic", "sample"] = 
     """:func:`trace_terms` for one draw of the guide on minibatch ``mb``, model at full weight.
 
     ``mb`` holds some of ``n_obs`` cells (a global model term is spread over those ``n_obs``).
-    ``v`` is summed out (the same ELBO as enumeration, without the enumeration dimension); call
-    inside ``torch.no_grad()`` and ``module.fast_calls()`` for speed.
+    ``v`` is summed out (the same ELBO as enumeration, without the enumeration dimension); a site
+    that the guide enumerates (a label) is enumerated here too and averaged over by
+    :func:`trace_terms`. Call inside ``torch.no_grad()`` and ``module.fast_calls()`` for speed.
 
     Returns
     -------
@@ -109,7 +141,8 @@ def score_minibatch(module, mb, n_obs: int, kl: Literal["analytic", "sample"] = 
     """
     args, kwargs = mb.args(), dict(mb.kwargs(), idx=mb.idx, n_obs=n_obs)
     with module.v_summed_out():
-        guide_tr = poutine.trace(module.guide).get_trace(*args, **kwargs)
+        guide = poutine.enum(module.guide, first_available_dim=-MAX_PLATE_NESTING - 1)
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
         model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
             *args, **kwargs)
     observed = {name for name, site in model_tr.nodes.items()

@@ -40,7 +40,7 @@ from .checkpoint import (
 )
 from .data import CiteData, TotalVIDataError
 from .device import module_device, resolve_device
-from .model import TotalVIModule
+from .model import MAX_PLATE_NESTING, TotalVIModule
 from .rng import rng_scope, seed_torch
 from .scoring import droplet_elbo, elbo_terms, evaluate
 
@@ -79,9 +79,10 @@ def default_max_epochs(n_cells: int) -> int:
 
 
 def make_elbo(module: TotalVIModule):
-    """The Pyro ELBO matching the module's treatment of ``v``."""
-    if module.protein_mixture == "enumerate":
-        return TraceEnum_ELBO(max_plate_nesting=2)
+    """The Pyro ELBO for the module: ``TraceEnum_ELBO`` when it enumerates a site (``v``, or an
+    extension's label), else ``Trace_ELBO``."""
+    if module.enumerates:
+        return TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     return Trace_ELBO()
 
 

@@ -13,7 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 EXPECTED = ["01_model_from_equations", "02_cite_seq_analysis", "03_extending_the_model",
-            "04_predictive_checks", "05_modality_balance"]
+            "04_predictive_checks", "05_modality_balance", "06_labels"]
 
 
 def reads_shared_data(nb) -> bool:
