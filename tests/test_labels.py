@@ -89,8 +89,11 @@ def test_enumerated_and_observed_labels_give_the_hand_summed_elbo(sim_adata, mix
                              (q * (log_pc + log_pz - log_qc)).sum(-1))
     rest = sum(model_tr.nodes[s]["fn"].log_prob(model_tr.nodes[s]["value"]).sum((-2, -1))
                for s in ("x", "y"))
-    rest = rest + (model_tr.nodes["beta"]["fn"].log_prob(model_tr.nodes["beta"]["value"])
-                   - guide_tr.nodes["beta"]["fn"].log_prob(model_tr.nodes["beta"]["value"])).sum()
+    for site in ("beta", "background_scale"):  # the other latent sites, log p - log q
+        if site in guide_tr.nodes:
+            value = model_tr.nodes[site]["value"]
+            rest = rest + (model_tr.nodes[site]["fn"].log_prob(value)
+                           - guide_tr.nodes[site]["fn"].log_prob(value)).sum()
     hand = (label_part - q_z.log_prob(z.unsqueeze(-2)).squeeze(-1)).sum() + rest
     assert loss == pytest.approx(-hand.item(), rel=1e-5)
 

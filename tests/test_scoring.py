@@ -33,7 +33,8 @@ def test_terms_sum_to_pyros_elbo(adata, observed):
     guide_tr = poutine.trace(m.guide).get_trace(*mb.args())
     model_tr = poutine.trace(poutine.replay(m.model, trace=guide_tr)).get_trace(*mb.args())
     sampled = trace_terms(model_tr, guide_tr, kl="sample")
-    assert set(sampled) == ({"z", "x", "beta", "y"} | (set() if observed else {"l"}))
+    assert set(sampled) == ({"z", "x", "background_scale", "beta", "y"}
+                            | (set() if observed else {"l"}))
     assert all(v.shape == (64,) for v in sampled.values())
     assert -sum(v.sum() for v in sampled.values()).item() == pytest.approx(loss, rel=1e-5)
     analytic = trace_terms(model_tr, guide_tr, kl="analytic")
