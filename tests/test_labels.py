@@ -257,3 +257,39 @@ def test_bad_labels_input(sim_adata):
         warnings.simplefilter("error")
         with pytest.raises(NotImplementedError):
             TOTALANVI.setup_mudata(None)
+
+
+def test_query_mapping_keeps_the_reference_and_predicts(sim_adata):
+    """prepare_query_anndata / load_query_data work for TOTALANVI as for TOTALVI (the same code
+    path): the query model is a TOTALANVI, the classifier and the label Gaussians stay bit for
+    bit the reference's (freeze_classifier), and predict() labels the new batch's cells with
+    the reference's categories; an unknown label in the query raises naming it."""
+    a, _ = _with_labels(sim_adata, 0.0)
+    a.obs["batch"] = a.obs["batch"].astype(str)
+    is_query = a.obs["batch"].to_numpy() == a.obs["batch"].iloc[0]
+    ref, query = a[~is_query].copy(), a[is_query].copy()
+    query.obs["batch"] = "new_batch"
+    query.obs["cell_type"] = "Unknown"
+    TOTALANVI.setup_anndata(ref, batch_key="batch", labels_key="cell_type",
+                            unlabeled_category="Unknown")
+    model = TOTALANVI(ref, n_latent=4, n_hidden=32).train(max_epochs=30, seed=0,
+                                                          progress_bar=False)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()
+              if k.startswith(("classifier", "label_"))}
+    TOTALANVI.prepare_query_anndata(query, model)
+    mapped = TOTALANVI.load_query_data(query, model)
+    assert isinstance(mapped, TOTALANVI)
+    mapped.train(max_epochs=5, seed=0, progress_bar=False, plan_kwargs=dict(weight_decay=0.0))
+    after = mapped.module.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
+    pred = mapped.predict()
+    assert len(pred) == query.n_obs and set(pred) <= set(ref.obs["cell_type"])
+    truth = query.obs["group"].astype(str).to_numpy()
+    assert (pred == truth).mean() > 1.5 / len(set(truth))  # well above chance
+
+    bad = a[is_query].copy()
+    bad.obs["batch"] = "new_batch"
+    bad.obs["cell_type"] = np.where(np.arange(bad.n_obs) % 2, "Unknown", "a_new_type")
+    TOTALANVI.prepare_query_anndata(bad, model)
+    with pytest.raises(TotalVIDataError, match="a_new_type"):
+        TOTALANVI.load_query_data(bad, model)
