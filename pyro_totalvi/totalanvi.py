@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +18,7 @@ import torch
 from anndata import AnnData
 
 from .api import TOTALVI
-from .data import REGISTRY_KEY, TotalVIDataError, is_mudata, register_anndata, register_obs_codes
+from .data import REGISTRY_KEY, TotalVIDataError, is_mudata, register_obs_codes
 from .labels import TotalANVIModule
 from .train import default_max_epochs
 
@@ -120,20 +118,10 @@ class TOTALANVI(TOTALVI):
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def setup_anndata(
-        cls,
-        adata: AnnData,
-        protein_expression_obsm_key: str = "protein_expression",
-        batch_key: str | None = None,
-        layer: str | None = None,
-        non_integer: Literal["warn", "error"] = "warn",
-        protein_mask=None,
-        categorical_covariate_keys: Sequence[str] | None = None,
-        continuous_covariate_keys: Sequence[str] | None = None,
-        labels_key: str | None = None,
-        unlabeled_category: str | None = None,
-    ) -> None:
-        """:meth:`TOTALVI.setup_anndata <pyro_totalvi.TOTALVI.setup_anndata>` plus the labels.
+    def setup_anndata(cls, adata: AnnData, *args, labels_key: str | None = None,
+                      unlabeled_category: str | None = None, **kwargs) -> None:
+        """:meth:`TOTALVI.setup_anndata <pyro_totalvi.TOTALVI.setup_anndata>` (every argument of
+        it, passed through) plus the labels.
 
         Parameters
         ----------
@@ -149,12 +137,9 @@ class TOTALANVI(TOTALVI):
         category unseen here raises naming it; one without the column counts as all unlabelled.
         Only ``adata.uns["_pyro_totalvi"]`` is written.
         """
-        spec = _register_labels(adata, labels_key, unlabeled_category)
-        registry = register_anndata(
-            adata, protein_expression_obsm_key, batch_key, layer, non_integer,
-            protein_mask=protein_mask, categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys)
-        adata.uns[REGISTRY_KEY] = {**registry, "extras": {"labels": spec}}
+        spec = _register_labels(adata, labels_key, unlabeled_category)  # checked before writing
+        super().setup_anndata(adata, *args, **kwargs)
+        adata.uns[REGISTRY_KEY] = {**adata.uns[REGISTRY_KEY], "extras": {"labels": spec}}
 
     @classmethod
     def setup_mudata(cls, *args, **kwargs):
