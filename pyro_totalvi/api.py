@@ -34,8 +34,8 @@ from .device import module_device, resolve_device
 from .modality import ModalityMixin
 from .model import TotalVIModule
 from .posterior import PosteriorMixin
-from .rng import rng_scope
 from .query import QueryMixin
+from .rng import rng_scope
 from .train import train
 
 __all__ = ["TOTALVI"]
