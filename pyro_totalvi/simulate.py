@@ -49,35 +49,28 @@ def simulate(
 
     Parameters
     ----------
+    rna_group_signal, protein_group_signal
+        ``False``: the RNA is independent of ``z`` (no planted DE gene), or every group has
+        group 0's foreground pattern (no planted DE protein), so that only the other modality
+        tells the groups apart (a known answer for
+        :meth:`~pyro_totalvi.TOTALVI.get_modality_contributions`); the same ``seed`` gives the
+        same groups, batches, ``z`` and library sizes either way.
     foreground_fraction
-        Probability that a group expresses a protein (0: every protein is background in every
-        group, up to the 5 % of cells drawn foreground by ``pi``; 1: foreground everywhere).
+        Probability that a group expresses a protein (0: background in every group, up to the
+        5 % of cells drawn foreground by ``pi``; 1: foreground everywhere).
     foreground_ratio
-        Range of the foreground-to-background ratio ``alpha - 1`` (log-uniform per protein);
-        e.g. ``(1.5, 3.0)`` for a weak foreground.
+        Range of ``alpha - 1`` (log-uniform per protein); e.g. ``(1.5, 3.0)``: a weak foreground.
     background_cell_sd
         SD of a per-cell shift ``b_n ~ Normal(0, sd)`` of ``log beta`` shared by every protein
-        of the cell (non-specific binding that varies between cells); 0: none.
+        of the cell (non-specific binding); 0: none.
     n_isotypes
         Isotype-control columns ``isotype_0, ...`` appended to the proteins: background only
-        (``v = 1``), with the same per-cell shift; their names go to
-        ``uns["isotype_controls"]``.
-    n_empty_droplets
-        Also draw this many empty droplets (protein counts of ambient antibody only): ``log
-        beta ~ Normal(c_t^T s + log droplet_background_ratio, d_t^T s)``, the cells' background
-        prior of Eq. (11) times ``droplet_background_ratio``, without the per-cell shift.
+        (``v = 1``), with the same per-cell shift; named in ``uns["isotype_controls"]``.
+    n_empty_droplets, droplet_background_ratio
+        Also draw this many empty droplets (ambient antibody only): ``log beta ~ Normal(c_t^T s +
+        log droplet_background_ratio, d_t^T s)``, without the per-cell shift.
 
-    The options draw from their own random stream: at their defaults the data are exactly those
-    of earlier versions.
-
-    ``rna_group_signal=False`` makes the RNA independent of ``z`` (no planted DE gene: every cell
-    draws from the same ``rho`` up to its batch); ``protein_group_signal=False`` gives every
-    group the foreground pattern of group 0 (no planted DE protein: ``pi`` and ``alpha`` are the
-    same in every cell). Either leaves the groups distinguishable by the other modality only: a
-    known answer for :meth:`~pyro_totalvi.TOTALVI.get_modality_contributions`. The same
-    ``seed`` gives the same groups, batches, ``z`` and library sizes with either option (and the
-    same RNA with ``protein_group_signal=False``); the defaults give exactly the data of earlier
-    versions.
+    Every option draws from its own random stream: the defaults give the data of earlier versions.
 
     Returns
     -------
@@ -94,8 +87,7 @@ def simulate(
     """
     options = dict(foreground_fraction=foreground_fraction, foreground_ratio=foreground_ratio,
                    background_cell_sd=background_cell_sd, n_isotypes=n_isotypes,
-                   n_empty_droplets=n_empty_droplets,
-                   droplet_background_ratio=droplet_background_ratio)
+                   n_empty_droplets=n_empty_droplets, droplet_background_ratio=droplet_background_ratio)
     chunks = list(simulate_chunks(n_cells, n_genes, n_proteins, n_batches, n_groups, seed,
                                   n_latent, de_fraction, chunk_size, rna_group_signal,
                                   protein_group_signal, **options))
