@@ -98,6 +98,15 @@ class TotalVIModule(nn.Module):
     background_preference
         Weight ``w`` of a non-model factor ``w log pi`` per cell and protein (see
         :meth:`background_penalty`); 0 removes it. Left out of every reported likelihood.
+    n_panels
+        Number of protein panels (scvi-tools' ``panel_key``): the background prior of
+        Eq. (11) then has one ``c_t, d_t`` per panel, and :meth:`model` takes the one-hot
+        ``panel (B, P)``, instead of one per batch. Default ``None``: the batches are the panels.
+    use_size_factor_key
+        The library ``l_n`` is a given size factor (scvi-tools' ``size_factor_key``, passed as
+        ``log_library``), not the total counts: ``rho`` is then the softplus of the decoder's
+        output instead of its softmax, so it is non-negative but not on the simplex (as
+        scvi-tools' ``DecoderTOTALVI(scale_activation="softplus")``). Implies an observed library.
     """
 
     def __init__(
@@ -120,6 +129,8 @@ class TotalVIModule(nn.Module):
         dropout_rate_decoder: float = 0.2,
         background_preference: float = 1e-3,
         protein_warmup: bool = True,
+        n_panels: int | None = None,
+        use_size_factor_key: bool = False,
     ):
         super().__init__()
         if protein_mixture not in ("marginal", "enumerate"):
@@ -129,15 +140,18 @@ class TotalVIModule(nn.Module):
         self.n_covariates = n_covariates
         self.encode_covariates = encode_covariates
         self.protein_mixture = protein_mixture
-        self.use_observed_lib_size = use_observed_lib_size
+        self.use_size_factor_key = use_size_factor_key
+        self.use_observed_lib_size = use_observed_lib_size or use_size_factor_key
+        self.n_panels = n_batches if n_panels is None else n_panels
         self.background_preference = background_preference
         self.protein_warmup = protein_warmup
         n_cov = n_batches + n_covariates
 
         self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0,
                                n_hidden, n_layers_encoder, dropout_rate_encoder,
-                               latent_library=not use_observed_lib_size)
-        self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder)
+                               latent_library=not self.use_observed_lib_size)
+        self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder,
+                               rho_activation="softplus" if use_size_factor_key else "softmax")
         self.background_encoder = BackgroundEncoder(n_latent, n_proteins, n_cov, n_hidden,
                                                     dropout_rate_decoder)
 
@@ -146,18 +160,21 @@ class TotalVIModule(nn.Module):
         self.log_phi = nn.Parameter(2 * torch.rand(n_proteins))
         # c_t and d_t of Eq. (11): learned, one value per protein and batch; d on the log scale.
         if background_prior_mean is None:
-            background_prior_mean = torch.randn(n_proteins, n_batches)
-            background_prior_scale = torch.rand(n_proteins, n_batches).clamp_min(1e-2)
+            background_prior_mean = torch.randn(n_proteins, self.n_panels)
+            background_prior_scale = torch.rand(n_proteins, self.n_panels).clamp_min(1e-2)
         self.background_c = nn.Parameter(torch.as_tensor(background_prior_mean, dtype=torch.float32))
         self.background_log_d = nn.Parameter(
             torch.as_tensor(background_prior_scale, dtype=torch.float32).log()
         )
-        # l_mu and l_sigma^2 of Eq. (5) are data statistics, not learned: buffers.
+        # l_mu and l_sigma^2 of Eq. (5) are data statistics, not learned: buffers (none when a
+        # size factor is the library: it is never latent then, as in scvi-tools).
         zeros = torch.zeros(n_batches)
-        self.register_buffer("library_log_means", torch.as_tensor(
-            zeros if library_log_means is None else library_log_means, dtype=torch.float32))
-        self.register_buffer("library_log_vars", torch.as_tensor(
-            zeros + 1 if library_log_vars is None else library_log_vars, dtype=torch.float32))
+        if not use_size_factor_key:
+            self.register_buffer("library_log_means", torch.as_tensor(
+                zeros if library_log_means is None else library_log_means, dtype=torch.float32))
+            self.register_buffer("library_log_vars", torch.as_tensor(
+                zeros + 1 if library_log_vars is None else library_log_vars,
+                dtype=torch.float32))
 
     # ------------------------------------------------------------------------------------------
     #: Register the networks with Pyro's param store on every call, so that ``pyro.infer.SVI``
@@ -231,7 +248,8 @@ class TotalVIModule(nn.Module):
 
     def decode(self, z: torch.Tensor, cov: torch.Tensor):
         """Eqs. (2)-(4), (6)-(8): ``rho (B, G)``, ``alpha (B, T) >= 1`` and the *logits* of
-        ``pi (B, T)`` from ``z (B, d)`` and ``cov`` = ``s ⊕ covariates``."""
+        ``pi (B, T)`` from ``z (B, d)`` and ``cov`` = ``s ⊕ covariates``. ``rho`` is on the
+        simplex, or only non-negative with ``use_size_factor_key`` (softplus)."""
         return self.decoder(z, cov)
 
     def library_prior(self, s: torch.Tensor) -> dist.Distribution:
@@ -246,7 +264,8 @@ class TotalVIModule(nn.Module):
         return NegativeBinomial(library * rho, self.log_theta.exp())
 
     def background_prior(self, s: torch.Tensor) -> dist.Distribution:
-        """Eq. (11): LogNormal(c_t^T s_n, d_t^T s_n), ``(B, T)`` (``d`` kept on the log scale)."""
+        """Eq. (11): LogNormal(c_t^T s_n, d_t^T s_n), ``(B, T)`` (``d`` kept on the log scale);
+        ``s`` is the one-hot panel when the module has panels (``n_panels``)."""
         return dist.LogNormal(s @ self.background_c.T, (s @ self.background_log_d.T).exp())
 
     def protein_likelihood(self, beta: torch.Tensor, alpha: torch.Tensor,
@@ -283,6 +302,7 @@ class TotalVIModule(nn.Module):
         n_obs: int | None = None,
         kl_weight: float = 1.0,
         decode_as: torch.Tensor | None = None,
+        panel: torch.Tensor | None = None,
     ):
         """p(x, y, z, l, beta, v | s).
 
@@ -308,6 +328,9 @@ class TotalVIModule(nn.Module):
             One-hot batch ``(B, K)`` that the generative networks and the background prior see
             instead of ``s``: counterfactual expression "as if measured in that batch"
             (``transform_batch``). The encoder always sees the cell's own ``s``.
+        panel
+            One-hot protein panel ``(B, P)`` of a module with ``n_panels``: it, not the batch,
+            indexes the background prior (as scvi-tools' ``panel_key``).
 
         Besides the sample sites, ``rho``, ``alpha`` and ``pi`` are recorded as
         ``pyro.deterministic`` sites so that ``pyro.infer.Predictive`` returns them.
@@ -330,7 +353,8 @@ class TotalVIModule(nn.Module):
                 pyro.deterministic("alpha", alpha)
                 pyro.deterministic("pi", torch.sigmoid(pi_logits))
                 with poutine.scale(scale=kl_weight):
-                    beta = pyro.sample("beta", self.background_prior(s_gen))  # (11)
+                    beta = pyro.sample("beta", self.background_prior(
+                        s_gen if panel is None else panel))  # (11)
                     self.background_penalty(pi_logits)  # not in the model; warmed up as scvi-tools
                 with poutine.scale(scale=kl_weight if self.protein_warmup else 1.0):
                     v = None  # "marginal": summed out analytically inside the likelihood
@@ -384,6 +408,7 @@ class TotalVIModule(nn.Module):
         n_obs: int | None = None,
         kl_weight: float = 1.0,
         decode_as: torch.Tensor | None = None,
+        panel: torch.Tensor | None = None,
     ):
         """q(beta | z, s) q(z | x, y, s) q(l | x, y, s); same arguments as :meth:`model`."""
         self._register_params()
