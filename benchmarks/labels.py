@@ -107,8 +107,9 @@ def run_scvi(adata, args, seed):
 
 def run_totalvi(adata, args, seed, is_hidden):
     """k-NN on a plain TOTALVI's latent space, and TOTALANVI started from that TOTALVI."""
-    import pyro_totalvi as pt
     from sklearn.neighbors import KNeighborsClassifier
+
+    import pyro_totalvi as pt
 
     pt.TOTALVI.setup_anndata(adata, batch_key="batch")
     totalvi = pt.TOTALVI(adata, n_latent=N_LATENT, seed=seed)

@@ -1,9 +1,9 @@
 """pyro_totalvi: totalVI (CITE-seq RNA + protein) as explicit Pyro code."""
 
 from .api import TOTALVI
-from .labels import TotalANVIModule
 from .data import TotalVIDataError
 from .distributions import NegativeBinomial, NegativeBinomialMixture
+from .labels import TotalANVIModule
 from .model import TotalVIModule
 from .simulate import simulate
 from .totalanvi import TOTALANVI
