@@ -208,6 +208,22 @@ def test_warning_when_training_ends_during_the_kl_warmup(adata, caplog):
     assert not [r for r in caplog.records if "KL warm-up" in r.getMessage()]
 
 
+def test_warning_names_the_epochs_of_an_epoch_wise_kl_warmup(adata, caplog):
+    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
+        TOTALVI(adata, n_latent=5, n_hidden=32).train(max_epochs=3, seed=0, progress_bar=False,
+                                                     n_epochs_kl_warmup=10)
+    (record,) = [r for r in caplog.records if "KL warm-up" in r.getMessage()]
+    text = record.getMessage()
+    # epoch e (from 0) has weight e / 10 (epoch 0 borrows epoch 1's): 0.2 after 3 epochs
+    assert "KL weight 0.20 after 3 of n_epochs_kl_warmup=10 epochs" in text, text
+    assert "at least 11 epochs" in text and "n_epochs_kl_warmup=2 or fewer" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
+        TOTALVI(adata, n_latent=5, n_hidden=32).train(max_epochs=3, seed=0, progress_bar=False,
+                                                     n_epochs_kl_warmup=2)
+    assert not [r for r in caplog.records if "KL warm-up" in r.getMessage()]
+
+
 def test_load_leaves_the_users_registration_alone(trained, tmp_path):
     trained.save(tmp_path / "m")
     a = trained.adata.copy()
