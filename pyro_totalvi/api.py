@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from . import distributed
+from . import compat, distributed
 from .checkpoint import MODEL_FORMAT_VERSION, atomic_write, read_saved_model
 from .data import (
     REGISTRY_KEY,
@@ -44,9 +45,6 @@ logger = logging.getLogger("pyro_totalvi")
 
 FORMAT_VERSION = MODEL_FORMAT_VERSION
 
-#: ``train(plan_kwargs=...)`` keys (scvi-tools' training-plan settings) that :func:`train` takes.
-PLAN_KEYS = ("lr", "weight_decay", "eps", "n_steps_kl_warmup", "reduce_lr_on_plateau",
-             "lr_patience", "lr_factor")
 
 
 class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
@@ -65,15 +63,18 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
     use_observed_lib_size
         Library size observed (log total counts) or latent with the prior of Eq. (5).
     empirical_protein_background_prior
-        Initialise c, d of Eq. (11) from per-batch Gaussian mixtures; default: when there are more
-        than 10 proteins (as scvi-tools).
+        Initialise c, d of Eq. (11) from per-batch (per-panel) Gaussian mixtures; default: when
+        there are more than 10 proteins (as scvi-tools).
+    override_missing_proteins
+        ``True``: a protein with zero counts in every cell of a batch is still taken as measured
+        there (scvi-tools' option); a ``protein_mask`` given at setup applies either way.
     seed
         Seeds the initial network weights (the global torch RNG is left as it was).
     module_class
         A subclass of :class:`~pyro_totalvi.TotalVIModule` (e.g. with another likelihood in an
         overridden ``model``) built with the same arguments; training, queries and
         ``load(..., module_class=)`` then use it. Default: the class's ``_module_cls``.
-    **network_kwargs
+    **model_kwargs
         ``n_hidden``, ``n_layers_encoder``, ``dropout_rate_encoder``, ``dropout_rate_decoder``,
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
         the covariates, as in scvi-tools), ``protein_warmup`` (default ``True``: the KL warm-up
@@ -86,7 +87,12 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         ``modality_weights`` (``{"rna": a, "protein": b}``, default 1 and 1: train on the
         tempered posterior with the RNA likelihood to the power ``a`` and the protein likelihood
         to the power ``b``; saved with the model; see :meth:`get_modality_contributions`); see
-        :class:`~pyro_totalvi.TotalVIModule`.
+        :class:`~pyro_totalvi.TotalVIModule`. scvi-tools' ``gene_likelihood``,
+        ``gene_dispersion``, ``protein_dispersion``, ``latent_distribution``,
+        ``use_batch_norm``, ``use_layer_norm``, ``log_variational`` and ``n_layers_decoder`` are
+        accepted at the one value implemented here (scvi-tools' default) and refused otherwise
+        (:data:`pyro_totalvi.compat.MODULE_CHOICES`); an unknown name raises ``TypeError``
+        listing the accepted ones.
 
     Examples
     --------
@@ -104,11 +110,13 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         protein_mixture: Literal["marginal", "enumerate"] = "marginal",
         use_observed_lib_size: bool = True,
         empirical_protein_background_prior: bool | None = None,
+        override_missing_proteins: bool = False,
         seed: int = 0,
         module_class: type[TotalVIModule] | None = None,
-        **network_kwargs,
+        **model_kwargs,
     ):
         module_class = module_class or self._module_cls
+        network_kwargs = compat.model_settings(model_kwargs, module_class)
         #: the MuData given, if any; :attr:`adata` is then its RNA modality as an AnnData with
         #: the protein counts in ``obsm["protein_expression"]`` (see :meth:`setup_mudata`)
         self.mdata = None
@@ -121,7 +129,9 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             adata = anndata_from_mudata(self.mdata, registry)
             adata.uns[REGISTRY_KEY] = registry
         self.adata = adata
-        self.data = CiteData(adata, extras=module_class.extra_inputs)
+        self.override_missing_proteins = bool(override_missing_proteins)
+        self.data = CiteData(adata, extras=module_class.extra_inputs,
+                             override_missing_proteins=self.override_missing_proteins)
         self.registry = self.data.registry
         if empirical_protein_background_prior is None:
             empirical_protein_background_prior = self.data.n_proteins > 10
@@ -132,45 +142,91 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             empirical_protein_background_prior=bool(empirical_protein_background_prior),
             **network_kwargs,
         )
+        if self.override_missing_proteins:
+            self.init_params["override_missing_proteins"] = True
         self._warn_masked_proteins()
-        l_mu, l_var = library_log_stats(self.data)
-        prior_mean = prior_scale = None
-        if empirical_protein_background_prior:
-            prior_mean, prior_scale = map(torch.from_numpy, protein_background_prior(self.data))
-        network = {k: v for k, v in self.init_params.items()
-                   if k != "empirical_protein_background_prior"}
-        network.update(self._background_options())
-        with rng_scope(seed):
-            self.module = module_class(
-                self.data.n_genes,
-                self.data.n_proteins,
-                self.data.n_batches,
-                n_covariates=self.data.n_covariates,
-                library_log_means=torch.from_numpy(l_mu),
-                library_log_vars=torch.from_numpy(l_var),
-                background_prior_mean=prior_mean,
-                background_prior_scale=prior_scale,
-                **network,
-                **self._module_kwargs(),
-            )
+        with rng_scope(seed):  # the initial weights; the caller's generators are left as they were
+            self.module = self._build_module(module_class, network_kwargs)
         if "modality_weights" in self.init_params:  # validated floats: JSON-safe in save()
             self.init_params["modality_weights"] = dict(self.module.modality_weights)
         self.history: pd.DataFrame | None = None
         self.is_trained = False
+        #: ``{"train", "validation", "test"}`` cell indices of the last training run
         self.split: dict | None = None
 
+    def _build_module(self, module_class: type[TotalVIModule], network_kwargs: dict
+                      ) -> TotalVIModule:
+        """The module for the registered data: library priors, the empirical background prior
+        (one per panel), and the panel / size-factor / background options and the subclass's
+        :meth:`_module_kwargs` only when registered (so that subclasses written without them
+        keep working)."""
+        l_mu, l_var = library_log_stats(self.data)
+        prior_mean = prior_scale = None
+        if self.init_params["empirical_protein_background_prior"]:
+            prior_mean, prior_scale = map(torch.from_numpy, protein_background_prior(self.data))
+        extra = dict(self._background_options(), **self._module_kwargs())
+        if self.data.has_panels:
+            extra["n_panels"] = self.data.n_panels
+        if self.registry.get("size_factor_key") is not None:
+            extra["use_size_factor_key"] = True
+        return module_class(
+            self.data.n_genes,
+            self.data.n_proteins,
+            self.data.n_batches,
+            n_covariates=self.data.n_covariates,
+            n_latent=self.init_params["n_latent"],
+            protein_mixture=self.init_params["protein_mixture"],
+            use_observed_lib_size=self.init_params["use_observed_lib_size"],
+            library_log_means=torch.from_numpy(l_mu),
+            library_log_vars=torch.from_numpy(l_var),
+            background_prior_mean=prior_mean,
+            background_prior_scale=prior_scale,
+            **network_kwargs,
+            **extra,
+        )
+
+    # -- scvi-tools' model attributes ------------------------------------------------------------
+    @property
+    def train_indices(self) -> np.ndarray | None:
+        """Cells (indices into :attr:`adata`) that trained, as scvi-tools; ``None`` before
+        training."""
+        return None if self.split is None else self.split["train"]
+
+    @property
+    def validation_indices(self) -> np.ndarray | None:
+        """Cells of the validation set (``train(train_size=, validation_size=)``)."""
+        return None if self.split is None else self.split["validation"]
+
+    @property
+    def test_indices(self) -> np.ndarray | None:
+        """Cells in neither set (when ``train_size + validation_size < 1``); empty otherwise."""
+        return None if self.split is None else self.split.get("test", np.zeros(0, np.int64))
+
+    @property
+    def summary_string(self) -> str:
+        """What the model is and whether it is trained (scvi-tools' ``summary_string``)."""
+        d, m = self.data, self.module
+        params = ", ".join(f"{k}: {v}" for k, v in self.init_params.items())
+        name = "TotalVI" if type(self) is TOTALVI else type(self).__name__
+        return (f"{name} Model (pyro_totalvi, {type(m).__name__}) with the "
+                f"following params: \n{params}\nData: {d.n_obs} cells, {d.n_genes} genes, "
+                f"{d.n_proteins} proteins, {d.n_batches} batches, {d.n_covariates} covariate "
+                f"columns\nTraining status: {'Trained' if self.is_trained else 'Not Trained'}")
+
     def _warn_masked_proteins(self) -> None:
-        """One warning per batch naming the proteins left out of its likelihood."""
+        """One warning per batch (per panel with a ``panel_key``) naming the proteins left out of
+        its likelihood."""
         missing = ~self.data.protein_measured
-        names, batches = self.registry["protein_names"], self.registry["batch_categories"]
+        names, batches = self.registry["protein_names"], self.data.panel_categories
+        what = "panel" if self.data.has_panels else "batch"
         user_mask = (self.registry.get("protein_mask") is not None
                      or self.registry.get("protein_mask_obsm_key") is not None)
         why = ("as protein_mask says" if user_mask else
                "all zero in every cell there; pass protein_mask to say which were measured")
         for b in np.flatnonzero(missing.any(axis=1)):
             absent = [str(names[t]) for t in np.flatnonzero(missing[b])]
-            logger.warning("batch %r: %d of %d proteins treated as not measured (%s): %s",
-                           str(batches[b]), len(absent), len(names), why, ", ".join(absent))
+            logger.warning("%s %r: %d of %d proteins treated as not measured (%s): %s",
+                           what, str(batches[b]), len(absent), len(names), why, ", ".join(absent))
         if self.data.cell_protein_mask is not None:
             logger.warning("protein_mask %r: %d of %d cell-protein entries treated as not "
                            "measured", self.registry["protein_mask_obsm_key"],
@@ -199,11 +255,29 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         return {}
 
     def __repr__(self) -> str:
-        d = self.data
-        return (f"{type(self).__name__}: {d.n_obs} cells, {d.n_genes} genes, {d.n_proteins} proteins, "
-                f"{d.n_batches} batches, {d.n_covariates} covariate columns, "
-                f"n_latent={self.module.n_latent}, "
-                f"protein_mixture={self.module.protein_mixture!r}, trained={self.is_trained}")
+        # scvi-tools prints the summary and returns ""; returning it shows the same text
+        return self.summary_string
+
+    def view_anndata_setup(self, adata: AnnData | None = None,
+                           hide_state_registries: bool = False) -> None:
+        """Print how ``adata`` (default: the model's) was registered: the setup arguments and
+        what they found (cells, genes, proteins, batches, panels, masked proteins, ...)."""
+        if adata is None:
+            registry, data = self.registry, self.data
+        else:
+            if REGISTRY_KEY not in adata.uns:
+                raise ValueError("Given AnnData not setup with TOTALVI (no "
+                                 f"adata.uns[{REGISTRY_KEY!r}]). Cannot view setup summary.")
+            data = self._data(adata)
+            registry = dict(adata.uns[REGISTRY_KEY])
+        print(_setup_text(registry, data, hide_state_registries))
+
+    @staticmethod
+    def view_setup_args(dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the setup arguments of a model saved in ``dir_path`` (as scvi-tools)."""
+        path = Path(dir_path) / f"{prefix or ''}settings.json"
+        registry = json.loads(path.read_text())["registry"]
+        print(_setup_text(registry, None, True))
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -211,12 +285,15 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         cls,
         adata: AnnData,
         protein_expression_obsm_key: str = "protein_expression",
+        protein_names_uns_key: str | None = None,
         batch_key: str | None = None,
+        panel_key: str | None = None,
         layer: str | None = None,
-        non_integer: Literal["warn", "error"] = "warn",
-        protein_mask=None,
+        size_factor_key: str | None = None,
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
+        non_integer: Literal["warn", "error"] = "warn",
+        protein_mask=None,
         isotype_controls: Sequence[str] | None = None,
         empty_droplets: AnnData | None = None,
     ) -> None:
@@ -228,24 +305,37 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         missing keys, on cells without RNA counts and on missing covariate values; each message
         names the offending column, feature or cell.
 
+        The arguments are scvi-tools' (same names and order), then this package's.
+
         Parameters
         ----------
         protein_expression_obsm_key
             ``adata.obsm`` key of the protein counts (DataFrame or array, cells x proteins).
+        protein_names_uns_key
+            ``adata.uns`` key of the protein names (one per column); ``None``: the columns of a
+            DataFrame, else ``"0"``, ``"1"``, ... (as scvi-tools).
         batch_key
             ``adata.obs`` column of batches (``s`` in the model); ``None`` for one batch.
             ``transform_batch`` in queries refers to these categories only.
+        panel_key
+            ``adata.obs`` column of the antibody panel each cell was measured with (as
+            scvi-tools): the background prior of Eq. (11) has one ``c_t, d_t`` per panel
+            instead of per batch, and a protein with zero counts in every cell of a *panel* is
+            taken as not measured there. The networks still see the batch.
         layer
             Layer of RNA counts; ``None`` for ``adata.X``.
+        size_factor_key
+            ``adata.obs`` column of per-cell size factors (finite, > 0): the (observed) library
+            ``l_n`` of Eq. (10) instead of the total counts, and ``rho`` is the softplus of the
+            decoder's output (not on the simplex), as scvi-tools' ``use_size_factor_key``.
         non_integer
             Non-integer counts give a warning (``"warn"``) or an error (``"error"``).
         protein_mask
             Which proteins were measured (``True``) where; unmeasured entries are left out of
-            the likelihood and of the encoder's input. A DataFrame (rows: batch categories,
-            columns: protein names) or array of shape (batches, proteins) in the order of the
-            batch categories; or the name of an ``adata.obsm`` key holding a cells x proteins
-            mask (e.g. ``"protein_measured"``). ``None``: a protein with zero counts in every
-            cell of a batch is taken as not measured in that batch.
+            the likelihood and of the encoder's input. A DataFrame (rows: batch, or with
+            ``panel_key`` panel, categories; columns: protein names) or array in that order; or
+            an ``adata.obsm`` key of a cells x proteins mask. ``None``: a protein with zero
+            counts in every cell of a batch (panel) is taken as not measured there.
         categorical_covariate_keys
             ``adata.obs`` columns given, one-hot encoded, to the networks besides the batch
             (categories are recorded; a query with a category unseen here raises).
@@ -257,19 +347,20 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             background shift shared by all proteins (README, "Protein background"). Unknown or
             repeated names, or every protein, raise :class:`~pyro_totalvi.TotalVIDataError`.
         empty_droplets
-            An AnnData of empty droplets (ambient antibody, no cell), e.g. from the raw
-            (unfiltered) 10x matrix: protein counts in ``obsm[protein_expression_obsm_key]``
-            with the same proteins (a DataFrame with their names, in any order, or an array in
-            the cells' order), non-negative integers, and ``obs[batch_key]`` when the cells have
-            batches, with at least 10 droplets per batch. Their counts inform the per-protein
-            background prior of Eq. (11). The counts are copied into the registry (so a saved
-            model carries them); the AnnData itself is not modified.
+            An AnnData of empty droplets (ambient antibody, no cell; e.g. from the raw 10x
+            matrix): the cells' proteins in ``obsm[protein_expression_obsm_key]`` (a DataFrame
+            with their names, or an array in the cells' order), non-negative integers, and
+            ``obs[batch_key]`` with at least 10 droplets per batch. They inform the background
+            prior of Eq. (11); their counts are copied into the registry. Not with ``panel_key``
+            (the droplets have a batch, not a panel).
         """
         register_anndata(adata, protein_expression_obsm_key, batch_key, layer, non_integer,
                          protein_mask=protein_mask,
                          categorical_covariate_keys=categorical_covariate_keys,
                          continuous_covariate_keys=continuous_covariate_keys,
-                         isotype_controls=isotype_controls, empty_droplets=empty_droplets)
+                         protein_names_uns_key=protein_names_uns_key, panel_key=panel_key,
+                         size_factor_key=size_factor_key, isotype_controls=isotype_controls,
+                         empty_droplets=empty_droplets)
 
     @classmethod
     def setup_mudata(
@@ -278,10 +369,12 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         rna_layer: str | None = None,
         protein_layer: str | None = None,
         batch_key: str | None = None,
+        panel_key: str | None = None,
+        size_factor_key: str | None = None,
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
-        protein_mask=None,
         modalities: dict[str, str] | None = None,
+        protein_mask=None,
         non_integer: Literal["warn", "error"] = "warn",
         isotype_controls: Sequence[str] | None = None,
         empty_droplets: AnnData | None = None,
@@ -301,8 +394,10 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             Which modality holds each argument, e.g. ``{"rna_layer": "rna", "protein_layer":
             "prot", "batch_key": "rna"}`` (the default). ``batch_key`` and covariate keys are
             ``obs`` columns of the modality named here, or of ``mdata.obs`` when it names none;
-            a ``protein_mask`` obsm key is looked up in the protein modality.
-        batch_key, categorical_covariate_keys, continuous_covariate_keys, protein_mask
+            a ``protein_mask`` obsm key is looked up in the protein modality; ``panel_key`` in
+            ``batch_key``'s modality unless ``modalities`` names one for it (as scvi-tools).
+        batch_key, panel_key, size_factor_key, categorical_covariate_keys, \
+continuous_covariate_keys, protein_mask
             As in :meth:`setup_anndata`.
         isotype_controls
             Names of the protein modality's isotype controls, as in :meth:`setup_anndata`.
@@ -315,6 +410,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             modalities = {"rna_layer": "rna", "protein_layer": "prot", "batch_key": "rna"}
         register_mudata(mdata, rna_layer, protein_layer, batch_key, categorical_covariate_keys,
                         continuous_covariate_keys, protein_mask, modalities, non_integer,
+                        panel_key=panel_key, size_factor_key=size_factor_key,
                         isotype_controls=isotype_controls, empty_droplets=empty_droplets)
 
     # ------------------------------------------------------------------------------------------
@@ -322,71 +418,78 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         self,
         max_epochs: int | None = None,
         lr: float = 4e-3,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
         batch_size: int = 256,
-        train_size: float = 0.9,
         early_stopping: bool = True,
+        check_val_every_n_epoch: int | None = None,
+        reduce_lr_on_plateau: bool = True,
+        n_steps_kl_warmup: int | None = None,
+        n_epochs_kl_warmup: int | None = None,
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        external_indexing: list | None = None,
         seed: int = 0,
         progress_bar: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         resume: bool = False,
         strategy: str | None = None,
-        accelerator: str = "auto",
         device: int | str | torch.device = "auto",
         adversarial_classifier: bool | None = None,
-        plan_kwargs: dict | None = None,
         **kwargs,
     ) -> TOTALVI:
-        """Train by minibatch SVI; see :func:`pyro_totalvi.train.train` for ``**kwargs``.
+        """Train by minibatch SVI: scvi-tools' ``TOTALVI.train`` arguments, then this package's.
 
-        ``plan_kwargs``: scvi-tools' training-plan settings, e.g. ``dict(weight_decay=0.0)``
-        (as for a query model, :meth:`load_query_data`); the keys ``lr``, ``weight_decay``,
-        ``eps``, ``n_steps_kl_warmup``, ``reduce_lr_on_plateau``, ``lr_patience`` and
-        ``lr_factor`` are passed to :func:`~pyro_totalvi.train.train` (``lr`` there replaces
-        the ``lr`` argument).
+        Stores the per-epoch :attr:`history` and the split (:attr:`train_indices`,
+        :attr:`validation_indices`, :attr:`test_indices`). The README ("Use from Python")
+        describes every argument: the split (``train_size``, ``validation_size``,
+        ``shuffle_set_split``, ``external_indexing``) follows scvi-tools' rule;
+        ``check_val_every_n_epoch`` (default: every epoch); warm-up in steps or (taking
+        precedence) epochs; ``plan_kwargs`` (``lr``, ``weight_decay``, ``eps``, ``optimizer``,
+        ``lr_*``, ``*_kl_weight``, ...) are used unless the same setting is passed explicitly;
+        ``datasplitter_kwargs`` (split settings; DataLoader settings warn); ``devices`` as
+        Lightning's (one device per process) or ``device`` (an index or ``"cuda:1"``);
+        ``**kwargs``: ``early_stopping_patience``, ``early_stopping_monitor``,
+        ``early_stopping_min_delta``, ``enable_progress_bar``, Lightning display settings (no
+        effect), the ``plan_kwargs`` names; anything else raises ``TypeError`` listing the
+        accepted names (:func:`pyro_totalvi.compat.train_settings`).
 
-        The per-epoch history (ELBO, reconstruction, KL on training and validation cells) is
-        stored in :attr:`history`.
+        ``seed`` seeds the split, the minibatch order and every draw. With ``checkpoint_dir``,
+        ``checkpoint_dir/checkpoint.pt`` is written atomically every ``checkpoint_every`` epochs
+        and at the end; ``TOTALVI(adata, <same settings>).train(<same arguments>,
+        checkpoint_dir=..., resume=True)`` continues and ends exactly as the uninterrupted run.
+        ``strategy="ddp"``: data-parallel over the processes started by ``torchrun`` (README).
+        The model stays on the training device (:meth:`to_device`). Returns the model.
 
-        With ``checkpoint_dir``, a checkpoint (parameters, optimiser, RNG states, history, ...)
-        is written atomically to ``checkpoint_dir/checkpoint.pt`` every ``checkpoint_every``
-        epochs and at the end. After an interruption, ``TOTALVI(adata, <same settings>)
-        .train(<same arguments>, checkpoint_dir=..., resume=True)`` continues from it and ends
-        exactly as the uninterrupted run would have; other data or settings raise.
-
-        ``strategy="ddp"``: data-parallel training over the processes started by ``torchrun``
-        (``batch_size`` per process; see :func:`pyro_totalvi.train.train` and the README section
-        "Training on several GPUs or machines"). Default ``None``: this process alone.
-
-        ``accelerator`` (``"auto"``, ``"cpu"``, ``"gpu"``, ``"mps"``) and ``device`` (``"auto"``,
-        an index or ``"cuda:1"``) choose where to train, as in scvi-tools; ``"auto"`` takes a CUDA
-        GPU when torch sees one. The model stays there afterwards (see :meth:`to_device`):
-        queries run on the same device and return NumPy arrays / DataFrames as on the CPU.
-
-        ``adversarial_classifier``: train an adversarial batch classifier on the latent space
-        during the KL warm-up (:mod:`pyro_totalvi.adversarial`). ``None`` means off here, unlike
-        scvi-tools, which turns it on when some proteins are not measured in some batch
-        (:meth:`scvi_adversarial_rule`): measured on two real data sets with hidden proteins
-        (``benchmarks/adversarial.py``, README "Adversarial batch classifier") it lowered the
-        imputation of the missing proteins and mixed batches only on one of them.
+        ``adversarial_classifier``: an adversarial batch classifier on z during the KL warm-up
+        (:mod:`pyro_totalvi.adversarial`); ``None`` means off, unlike scvi-tools' rule
+        (:meth:`scvi_adversarial_rule`): on two real data sets with hidden proteins it lowered
+        their imputation (``benchmarks/adversarial.py``, README "Adversarial batch classifier").
         """
-        unknown = sorted(set(plan_kwargs or {}) - set(PLAN_KEYS))
-        if unknown:
-            raise ValueError(f"plan_kwargs {unknown} are not supported; known: {list(PLAN_KEYS)}")
-        kwargs = {**(plan_kwargs or {}), **kwargs}
-        lr = kwargs.pop("lr", lr)
+        defaults = {k: p.default for k, p in inspect.signature(TOTALVI.train).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        args = dict(max_epochs=max_epochs, lr=lr, train_size=train_size,
+                    validation_size=validation_size, shuffle_set_split=shuffle_set_split,
+                    batch_size=batch_size, early_stopping=early_stopping,
+                    check_val_every_n_epoch=check_val_every_n_epoch,
+                    reduce_lr_on_plateau=reduce_lr_on_plateau,
+                    n_steps_kl_warmup=n_steps_kl_warmup, n_epochs_kl_warmup=n_epochs_kl_warmup,
+                    external_indexing=external_indexing, seed=seed, progress_bar=progress_bar,
+                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                    resume=resume, strategy=strategy,
+                    # None: off here (a measured choice; see above), unlike scvi-tools
+                    adversarial_classifier=bool(adversarial_classifier))
+        settings = compat.train_settings(args, defaults, plan_kwargs, datasplitter_kwargs, kwargs)
+        device = compat.devices_to_device(devices, device)
         if strategy == "ddp":
             distributed.init_distributed()  # first: it picks this process's GPU (LOCAL_RANK)
         self.module.to(resolve_device(accelerator, device))
-        if adversarial_classifier is None:
-            adversarial_classifier = False  # measured choice; see the docstring
-        history, split = train(self.module, self.data, max_epochs=max_epochs, lr=lr,
-                               batch_size=batch_size, train_size=train_size,
-                               early_stopping=early_stopping, seed=seed,
-                               progress_bar=progress_bar, checkpoint_dir=checkpoint_dir,
-                               checkpoint_every=checkpoint_every, resume=resume,
-                               strategy=strategy, adversarial_classifier=adversarial_classifier,
-                               **kwargs)
+        # the run seeds its own draws (rng_scope in Trainer.run): no global reseeding here
+        history, split = train(self.module, self.data, **settings)
         self.history = history if self.history is None else pd.concat([self.history, history])
         self.split = split
         self.is_trained = True
@@ -440,15 +543,36 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         return indices.astype(np.int64)
 
     # ------------------------------------------------------------------------------------------
-    def save(self, dir_path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Write ``settings.json`` (format version, settings, names) and ``params.pt``.
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        legacy_mudata_format: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Write ``settings.json`` (format version, settings, names), ``params.pt``, the split
+        (``indices.npz``) and the training history (``history.csv``), each name preceded by
+        ``prefix``; with ``save_anndata``, also the data (``adata.h5ad``, or ``mdata.h5mu`` for
+        a MuData) so that :meth:`load` needs no AnnData.
 
         Files are written to a temporary name and renamed, so an interrupted save never leaves a
-        half-written model.
+        half-written model. ``dir_path`` must not hold this prefix's model already (without a
+        prefix: must be empty or absent) unless ``overwrite``. ``save_kwargs`` go to
+        :func:`torch.save`, ``anndata_write_kwargs`` to ``write_h5ad`` (e.g. ``compression``);
+        ``legacy_mudata_format`` is accepted for scvi-tools compatibility and changes nothing
+        (gene names are stored once, in ``settings.json``).
         """
-        path = Path(dir_path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True")
+        path, prefix = Path(dir_path), prefix or ""
+        names = [f"{prefix}{n}" for n in ("settings.json", "params.pt")]
+        taken = (any((path / n).exists() for n in names) if prefix
+                 else path.exists() and any(path.iterdir()))
+        if taken and not overwrite:
+            raise FileExistsError(f"{path} already holds a saved model"
+                                  + ("" if prefix else " or other files")
+                                  + "; pass overwrite=True or another directory")
         path.mkdir(parents=True, exist_ok=True)
         settings = {
             "format_version": FORMAT_VERSION,
@@ -458,57 +582,65 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
             "var_names": list(map(str, self.adata.var_names)),
             "is_trained": self.is_trained,
         }
-        atomic_write(path / "settings.json",
-                     lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        atomic_write(path / names[0], lambda f: f.write(json.dumps(settings, indent=1).encode()))
         state = {k: v.cpu() for k, v in self.module.state_dict().items()}  # loadable without a GPU
-        atomic_write(path / "params.pt", lambda f: torch.save(state, f))
-        if self.history is not None:
-            atomic_write(path / "history.csv", lambda f: f.write(self.history.to_csv().encode()))
-        elif (path / "history.csv").exists():  # overwrite=True: not another model's history
-            (path / "history.csv").unlink()
+        atomic_write(path / names[1], lambda f: torch.save(state, f, **(save_kwargs or {})))
+        optional = {
+            "history.csv": None if self.history is None else
+            (lambda f: f.write(self.history.to_csv().encode())),
+            "indices.npz": None if self.split is None else
+            (lambda f: np.savez(f, **{k: np.asarray(v) for k, v in self.split.items()})),
+        }
+        for name, write in optional.items():
+            if write is not None:
+                atomic_write(path / f"{prefix}{name}", write)
+            elif (path / f"{prefix}{name}").exists():  # overwrite=True: not another model's
+                (path / f"{prefix}{name}").unlink()
+        if save_anndata:
+            self._save_data(path, prefix, anndata_write_kwargs)
+
+    def _save_data(self, path: Path, prefix: str, write_kwargs: dict) -> None:
+        """Write the model's AnnData (or MuData) beside it, with its registry, atomically."""
+        data = self.adata if self.mdata is None else self.mdata
+        name = f"{prefix}{'adata.h5ad' if self.mdata is None else 'mdata.h5mu'}"
+        tmp = path / f".{name}.tmp"
+        try:
+            data.write(tmp, **write_kwargs)
+            os.replace(tmp, path / name)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData,
-             module_class: type[TotalVIModule] | None = None, accelerator: str = "auto",
-             device: int | str | torch.device = "auto") -> TOTALVI:
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str | torch.device = "auto",
+        prefix: str | None = None,
+        module_class: type[TotalVIModule] | None = None,
+    ) -> TOTALVI:
         """Load a saved model for ``adata``; genes, proteins and batches must match the saved ones.
 
+        ``adata=None`` loads the data saved with the model (``save(..., save_anndata=True)``).
         ``adata`` is registered with the saved settings if it is not registered yet. A model
         trained with ``TOTALVI(..., module_class=C)`` loads with ``module_class=C``. The model is
         put on the device that ``accelerator`` and ``device`` name (as in :meth:`train`); a model
-        saved on a GPU loads on a CPU-only machine.
+        saved on a GPU loads on a CPU-only machine. The training split and history come back
+        with it (:attr:`validation_indices`, :attr:`history`).
         """
-        path = Path(dir_path)
-        user_registry = adata.uns.get(REGISTRY_KEY)  # put back afterwards, untouched
-        settings, params = read_saved_model(path)
+        path, prefix = Path(dir_path), prefix or ""
+        settings, params = read_saved_model(path, prefix)
         saved_class = settings.get("model_class", "TOTALVI")
         if saved_class not in {c.__name__ for c in cls.__mro__}:
             raise ValueError(f"{path} holds a {saved_class} model; load it with "
                              f"{saved_class}.load")
         reg = settings["registry"]
-        if is_mudata(adata):
-            if "mudata" not in reg:
-                raise TotalVIDataError(f"{path} was saved from an AnnData; pass an AnnData")
-            rna = anndata_from_mudata(adata, reg)
-            if list(map(str, rna.var_names)) != settings["var_names"]:
-                raise TotalVIDataError(f"mdata genes differ from the saved model's "
-                                       f"({rna.n_vars} vs {len(settings['var_names'])} genes)")
-            if REGISTRY_KEY not in adata.uns:
-                m = reg["mudata"]
-                register_mudata(adata, m["rna_layer"], m["protein_layer"], reg["batch_key"],
-                                registry_keys(reg, "categorical_covariate_keys"),
-                                registry_keys(reg, "continuous_covariate_keys"),
-                                reg.get("protein_mask_obsm_key"), m["modalities"])
-        else:
-            if list(map(str, adata.var_names)) != settings["var_names"]:
-                raise TotalVIDataError(f"adata genes differ from the saved model's "
-                                       f"({adata.n_vars} vs {len(settings['var_names'])} genes)")
-            if REGISTRY_KEY not in adata.uns:
-                register_like(adata, reg)
-        saved_cats, cats = reg["batch_categories"], list(adata.uns[REGISTRY_KEY]["batch_categories"])
-        if not set(cats) <= set(saved_cats):
-            raise TotalVIDataError(f"adata has batches unseen by the saved model: "
-                                   f"{sorted(set(cats) - set(saved_cats))}")
+        if adata is None:
+            adata = _read_saved_data(path, prefix, "mudata" in reg)
+        user_registry = adata.uns.get(REGISTRY_KEY)  # put back afterwards, untouched
+        _register_for_load(path, settings, adata)
         init = dict(settings["init_params"])
         init["empirical_protein_background_prior"] = False  # parameters come from the file
         # The model reads its registry from uns: the saved one, so that codes follow the saved
@@ -524,9 +656,58 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         model.module.to(resolve_device(accelerator, device))
         model.module.eval()
         model.is_trained = settings["is_trained"]
-        if (path / "history.csv").exists():
-            model.history = pd.read_csv(path / "history.csv", index_col=0)
+        if (path / f"{prefix}history.csv").exists():
+            model.history = pd.read_csv(path / f"{prefix}history.csv", index_col=0)
+        if (path / f"{prefix}indices.npz").exists():
+            with np.load(path / f"{prefix}indices.npz") as split:
+                model.split = {k: split[k] for k in split.files}
         return model
+
+
+def _register_for_load(path: Path, settings: dict, adata) -> None:
+    """Check ``adata`` (AnnData or MuData) against a saved model's genes and batches, and
+    register it with the saved settings if it is not registered yet."""
+    reg = settings["registry"]
+    if is_mudata(adata):
+        if "mudata" not in reg:
+            raise TotalVIDataError(f"{path} was saved from an AnnData; pass an AnnData")
+        rna = anndata_from_mudata(adata, reg)
+        if list(map(str, rna.var_names)) != settings["var_names"]:
+            raise TotalVIDataError(f"mdata genes differ from the saved model's "
+                                   f"({rna.n_vars} vs {len(settings['var_names'])} genes)")
+        if REGISTRY_KEY not in adata.uns:
+            m = reg["mudata"]
+            register_mudata(adata, m["rna_layer"], m["protein_layer"], reg["batch_key"],
+                            registry_keys(reg, "categorical_covariate_keys"),
+                            registry_keys(reg, "continuous_covariate_keys"),
+                            reg.get("protein_mask_obsm_key"), m["modalities"],
+                            panel_key=reg.get("panel_key"),
+                            size_factor_key=reg.get("size_factor_key"))
+    else:
+        if list(map(str, adata.var_names)) != settings["var_names"]:
+            raise TotalVIDataError(f"adata genes differ from the saved model's "
+                                   f"({adata.n_vars} vs {len(settings['var_names'])} genes)")
+        if REGISTRY_KEY not in adata.uns:
+            register_like(adata, reg)
+    saved_cats, cats = reg["batch_categories"], list(adata.uns[REGISTRY_KEY]["batch_categories"])
+    if not set(cats) <= set(saved_cats):
+        raise TotalVIDataError(f"adata has batches unseen by the saved model: "
+                               f"{sorted(set(cats) - set(saved_cats))}")
+
+
+def _read_saved_data(path: Path, prefix: str, is_mudata_model: bool):
+    """The AnnData (or MuData) written by ``save(..., save_anndata=True)``."""
+    name = f"{prefix}{'mdata.h5mu' if is_mudata_model else 'adata.h5ad'}"
+    if not (path / name).exists():
+        raise ValueError(f"no data saved with the model in {path} ({name} is absent): pass "
+                         "adata=..., or save with save_anndata=True")
+    if is_mudata_model:
+        import mudata
+
+        return mudata.read_h5mu(path / name)
+    import anndata
+
+    return anndata.read_h5ad(path / name)
 
 
 def _jsonable(value):
@@ -542,3 +723,27 @@ def _jsonable(value):
         return value.item() if isinstance(value, np.generic) else value
     return str(value)
 
+
+
+def _setup_text(registry: dict, data: CiteData | None, brief: bool) -> str:
+    """The registry as text: the setup arguments, then (with ``data``) what they found."""
+    keys = ("protein_expression_obsm_key", "protein_names_uns_key", "batch_key", "panel_key",
+            "layer", "size_factor_key", "categorical_covariate_keys",
+            "continuous_covariate_keys", "protein_mask_obsm_key")
+    how = "setup_mudata" if "mudata" in registry else "setup_anndata"
+    lines = [f"Setup via `TOTALVI.{how}` (pyro_totalvi) with arguments:"]
+    lines += [f"  {k}: {registry.get(k)!r}" for k in keys if k in registry]
+    if "mudata" in registry:
+        lines.append(f"  modalities: {dict(registry['mudata']['modalities'])!r}")
+    if data is not None:
+        lines.append(f"Summary: {data.n_obs} cells, {data.n_genes} genes, {data.n_proteins} "
+                     f"proteins, {data.n_batches} batches, {data.n_panels} panels, "
+                     f"{data.n_covariates} covariate columns")
+        n_missing = int((~data.protein_measured).sum())
+        lines.append(f"Proteins not measured: {n_missing} (panel, protein) pairs")
+    if not brief:
+        lines.append(f"  batch categories: {list(registry['batch_categories'])}")
+        lines.append(f"  proteins: {list(registry['protein_names'])}")
+        if registry.get("panel_categories") is not None:
+            lines.append(f"  panel categories: {list(registry['panel_categories'])}")
+    return "\n".join(lines)

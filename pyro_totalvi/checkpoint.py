@@ -121,18 +121,22 @@ def _umask() -> int:
     return mask
 
 
-def read_saved_model(dir_path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_saved_model(dir_path: str | os.PathLike, prefix: str | None = None
+                     ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``settings.json`` (format version checked) and the parameters (on the CPU) of a model that
-    :meth:`pyro_totalvi.TOTALVI.save` wrote to ``dir_path``."""
-    path = Path(dir_path)
-    if not (path / "settings.json").is_file():
-        raise FileNotFoundError(f"{path} holds no saved model (no settings.json); save one with "
-                                "model.save(dir_path)")
-    settings = json.loads((path / "settings.json").read_text())
+    :meth:`pyro_totalvi.TOTALVI.save` wrote to ``dir_path`` (file names preceded by
+    ``prefix``, as ``save(..., prefix=)`` wrote them)."""
+    path, prefix = Path(dir_path), prefix or ""
+    if not (path / f"{prefix}settings.json").is_file():
+        raise FileNotFoundError(f"{path} holds no saved model (no {prefix}settings.json); save "
+                                "one with model.save(dir_path" + (f", prefix={prefix!r})"
+                                                                  if prefix else ")"))
+    settings = json.loads((path / f"{prefix}settings.json").read_text())
     if settings.get("format_version") != MODEL_FORMAT_VERSION:
         raise ValueError(f"{path} has format version {settings.get('format_version')}; this "
                          f"pyro_totalvi reads version {MODEL_FORMAT_VERSION}")
-    return settings, torch.load(path / "params.pt", weights_only=True, map_location="cpu")
+    return settings, torch.load(path / f"{prefix}params.pt", weights_only=True,
+                                map_location="cpu")
 
 
 def write_checkpoint(directory: Path, payload: dict) -> None:

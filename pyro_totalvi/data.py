@@ -114,8 +114,13 @@ def _get_rna(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def _get_protein(adata: AnnData, key: str) -> tuple[np.ndarray, list[str]]:
-    """Protein counts as float32 (cells x proteins) and their names, checked against obs_names."""
+def _get_protein(adata: AnnData, key: str, names_uns_key: str | None = None
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Protein counts (cells x proteins) and their names, checked against obs_names.
+
+    Names come, as in scvi-tools, from ``adata.uns[names_uns_key]`` when that key is given, else
+    from the columns of a DataFrame, else they are ``"0"``, ``"1"``, ...
+    """
     if key not in adata.obsm:
         raise KeyError(
             f"protein_expression_obsm_key {key!r} not in adata.obsm "
@@ -135,9 +140,19 @@ def _get_protein(adata: AnnData, key: str) -> tuple[np.ndarray, list[str]]:
         values = pro.to_numpy()
     else:
         values = pro.toarray() if sp.issparse(pro) else np.asarray(pro)
-        names = [f"protein_{i}" for i in range(values.shape[1])]
+        names = [str(i) for i in range(values.shape[1])] if values.ndim == 2 else []
     if values.ndim != 2 or values.shape[1] == 0:
         raise TotalVIDataError(f"adata.obsm[{key!r}] has no protein columns.")
+    if names_uns_key is not None:
+        if names_uns_key not in adata.uns:
+            raise KeyError(f"protein_names_uns_key {names_uns_key!r} not in adata.uns "
+                           f"(available: {list(adata.uns)})")
+        names = [str(n) for n in np.asarray(adata.uns[names_uns_key]).ravel()]
+        if len(names) != values.shape[1] or len(set(names)) != len(names):
+            raise TotalVIDataError(
+                f"adata.uns[{names_uns_key!r}] must hold one distinct name per column of "
+                f"adata.obsm[{key!r}] ({values.shape[1]}); it has {len(names)} names, "
+                f"{len(set(names))} distinct")
     return values, names
 
 
@@ -244,6 +259,24 @@ def _check_continuous(adata: AnnData, key: str) -> np.ndarray:
             f"continuous covariate adata.obs[{key!r}] has {int(bad.sum())} NaN or infinite "
             f"values, e.g. cell {adata.obs_names[i]!r} ({values[i]})")
     return values.astype(np.float32)
+
+
+def size_factors(adata: AnnData, key: str) -> np.ndarray:
+    """The registered size factor of every cell, ``adata.obs[key]``: finite numbers > 0."""
+    if key not in adata.obs:
+        raise KeyError(f"size_factor_key {key!r} not in adata.obs (columns: {list(adata.obs)})")
+    col = adata.obs[key]
+    if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        raise TotalVIDataError(f"size factors adata.obs[{key!r}] have dtype {col.dtype}; "
+                               "expected positive numbers")
+    values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        i = np.flatnonzero(bad)[0]
+        raise TotalVIDataError(
+            f"size factors adata.obs[{key!r}] must be finite and > 0; {int(bad.sum())} are not, "
+            f"e.g. cell {adata.obs_names[i]!r} ({values[i]})")
+    return values
 
 
 def covariate_matrix(adata: AnnData, registry: dict) -> np.ndarray | None:
@@ -485,6 +518,35 @@ def _droplet_entry(droplets, key: str, protein_names: list[str], batch_key: str 
             "batch": [str(v) for v in labels], "n_droplets": int(droplets.n_obs)}
 
 
+#: Why ``empty_droplets`` and ``panel_key`` cannot be combined (yet).
+_DROPLETS_AND_PANELS = (
+    "empty_droplets cannot be combined with panel_key: the droplets' ambient level is modelled "
+    "per batch (their batch_key column) while a panel_key makes the cells' background prior "
+    "per panel, and the droplets carry no panel. Register the droplets without panel_key (when "
+    "each batch has one panel, the batches are the panels), or drop empty_droplets.")
+
+
+def _panels_and_size_factors(adata: AnnData, panel_key: str | None,
+                             size_factor_key: str | None) -> list[str] | None:
+    """Check the panel and size-factor columns; the panel categories (``None``: no panels)."""
+    if size_factor_key is not None:
+        size_factors(adata, size_factor_key)
+    return None if panel_key is None else _categories(_obs_column(adata, panel_key, "panel_key"))
+
+
+def _check_rna(adata: AnnData, layer: str | None, non_integer: str):
+    """The RNA counts (backed or in memory), checked (block by block when backed)."""
+    X = _backed_rna(adata, layer) if adata.isbacked else _get_rna(adata, layer)
+    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if adata.isbacked:  # check block by block: the matrix never comes into memory whole
+        for start, block in X.chunks():
+            _check_counts(block, adata.obs_names[start:], adata.var_names, f"RNA counts ({what})",
+                          non_integer)
+    else:
+        _check_counts(X, adata.obs_names, adata.var_names, f"RNA counts ({what})", non_integer)
+    return X
+
+
 def register_anndata(
     adata: AnnData,
     protein_expression_obsm_key: str = "protein_expression",
@@ -497,6 +559,9 @@ def register_anndata(
     proteins_optional: bool = False,
     isotype_controls=None,
     empty_droplets=None,
+    protein_names_uns_key: str | None = None,
+    panel_key: str | None = None,
+    size_factor_key: str | None = None,
 ) -> dict:
     """Validate ``adata`` and write the registry ``adata.uns["_pyro_totalvi"]``.
 
@@ -509,17 +574,10 @@ def register_anndata(
         raise TotalVIDataError("adata has no cells (n_obs == 0).")
     if adata.n_vars == 0:
         raise TotalVIDataError("adata has no genes (n_vars == 0).")
-    X = _backed_rna(adata, layer) if adata.isbacked else _get_rna(adata, layer)
-    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    if adata.isbacked:  # check block by block: the matrix never comes into memory whole
-        for start, block in X.chunks():
-            _check_counts(block, adata.obs_names[start:], adata.var_names, f"RNA counts ({what})",
-                          non_integer)
-    else:
-        _check_counts(X, adata.obs_names, adata.var_names, f"RNA counts ({what})", non_integer)
+    X = _check_rna(adata, layer, non_integer)
     protein_names = None
     if not proteins_optional or protein_expression_obsm_key in adata.obsm:
-        y, protein_names = _get_protein(adata, protein_expression_obsm_key)
+        y, protein_names = _get_protein(adata, protein_expression_obsm_key, protein_names_uns_key)
         _check_counts(y, adata.obs_names, protein_names,
                       f"protein counts (adata.obsm[{protein_expression_obsm_key!r}])", non_integer)
     totals = np.asarray(X.sum(axis=1)).ravel()
@@ -534,6 +592,7 @@ def register_anndata(
         categories = ["0"]
     else:
         categories = _categories(_obs_column(adata, batch_key, "batch_key"))
+    panels = _panels_and_size_factors(adata, panel_key, size_factor_key)
     cat_keys = _key_list(categorical_covariate_keys, "categorical_covariate_keys")
     cont_keys = _key_list(continuous_covariate_keys, "continuous_covariate_keys")
     clash = sorted((set(cat_keys) & set(cont_keys)) | ({batch_key} & set(cat_keys + cont_keys)))
@@ -555,20 +614,36 @@ def register_anndata(
         "continuous_covariate_keys": cont_keys,
         "isotype_controls": _isotype_names(isotype_controls, protein_names),
         "empty_droplets": None,
+        "protein_names_uns_key": protein_names_uns_key,
+        "panel_key": panel_key,
+        "panel_categories": panels,
+        "size_factor_key": size_factor_key,
     }
-    if empty_droplets is not None:
-        registry["empty_droplets"] = _droplet_entry(empty_droplets, protein_expression_obsm_key,
-                                                    protein_names, batch_key, categories)
     covariate_matrix(adata, registry)  # NaN / dtype checks of the continuous covariates
-    if isinstance(protein_mask, str):
-        if protein_names is not None:
-            _cell_protein_mask(adata, protein_mask, protein_names)  # validate now
-        registry["protein_mask_obsm_key"] = protein_mask
-    elif protein_mask is not None and protein_names is not None:
-        registry["protein_mask"] = _batch_protein_mask(protein_mask, categories,
-                                                       protein_names).tolist()
+    _register_mask_and_droplets(adata, registry, protein_mask, empty_droplets)
     adata.uns[REGISTRY_KEY] = registry
     return registry
+
+
+def _register_mask_and_droplets(adata: AnnData, registry: dict, protein_mask,
+                                empty_droplets) -> None:
+    """Validate ``protein_mask`` and ``empty_droplets`` and add them to ``registry``."""
+    names, panels = registry["protein_names"], registry["panel_categories"]
+    if empty_droplets is not None:
+        if panels is not None:
+            raise TotalVIDataError(_DROPLETS_AND_PANELS)
+        registry["empty_droplets"] = _droplet_entry(
+            empty_droplets, registry["protein_expression_obsm_key"], names,
+            registry["batch_key"], registry["batch_categories"])
+    if isinstance(protein_mask, str):
+        if names is not None:
+            _cell_protein_mask(adata, protein_mask, names)  # validate now
+        registry["protein_mask_obsm_key"] = protein_mask
+    elif protein_mask is not None and names is not None:
+        # rows: the panels when there are panels, else the batches
+        registry["protein_mask"] = _batch_protein_mask(
+            protein_mask, registry["batch_categories"] if panels is None else panels,
+            names).tolist()
 
 
 def register_like(adata: AnnData, registry: dict) -> dict:
@@ -585,6 +660,9 @@ def register_like(adata: AnnData, registry: dict) -> dict:
         continuous_covariate_keys=registry_keys(registry, "continuous_covariate_keys"),
         proteins_optional=bool(registry.get("proteins_optional")),
         isotype_controls=registry_keys(registry, "isotype_controls") or None,
+        protein_names_uns_key=registry.get("protein_names_uns_key"),
+        panel_key=registry.get("panel_key"),
+        size_factor_key=registry.get("size_factor_key"),
     )
     new["empty_droplets"] = registry.get("empty_droplets")  # validated when first registered
     return new
@@ -594,7 +672,8 @@ def register_like(adata: AnnData, registry: dict) -> dict:
 # MuData: the RNA modality as an AnnData, the protein modality's counts in its obsm
 MUDATA_PROTEIN_KEY = "protein_expression"
 _MUDATA_MODALITY_ARGS = ("rna_layer", "protein_layer", "batch_key", "categorical_covariate_keys",
-                         "continuous_covariate_keys", "protein_mask")
+                         "continuous_covariate_keys", "protein_mask", "size_factor_key",
+                         "panel_key")
 
 
 def is_mudata(obj) -> bool:
@@ -655,7 +734,8 @@ def anndata_from_mudata(mdata, registry: dict) -> AnnData:
     pos = _aligned(prot.obs_names, cells, f"protein modality {mods['protein_layer']!r}")
     proteins = pd.DataFrame(Y[pos], index=cells, columns=[str(v) for v in prot.var_names])
     obs = rna.obs.copy()
-    keys = [("batch_key", registry.get("batch_key"))]
+    keys = [("batch_key", registry.get("batch_key")), ("panel_key", registry.get("panel_key")),
+            ("size_factor_key", registry.get("size_factor_key"))]
     keys += [("categorical_covariate_keys", k)
              for k in registry_keys(registry, "categorical_covariate_keys")]
     keys += [("continuous_covariate_keys", k)
@@ -709,6 +789,8 @@ def register_mudata(
     non_integer: str = "warn",
     isotype_controls=None,
     empty_droplets=None,
+    panel_key: str | None = None,
+    size_factor_key: str | None = None,
 ) -> dict:
     """Validate a MuData and write the registry to ``mdata.uns["_pyro_totalvi"]``.
 
@@ -724,8 +806,12 @@ def register_mudata(
     mods = {k: modalities.get(k) for k in _MUDATA_MODALITY_ARGS}
     if mods["protein_mask"] is None:
         mods["protein_mask"] = mods["protein_layer"]
+    if mods["panel_key"] is None:  # scvi-tools reads the panel from batch_key's modality
+        mods["panel_key"] = mods["batch_key"]
     provisional = {
         "batch_key": batch_key,
+        "panel_key": panel_key,
+        "size_factor_key": size_factor_key,
         "categorical_covariate_keys": _key_list(categorical_covariate_keys,
                                                 "categorical_covariate_keys"),
         "continuous_covariate_keys": _key_list(continuous_covariate_keys,
@@ -740,26 +826,28 @@ def register_mudata(
         continuous_covariate_keys=provisional["continuous_covariate_keys"],
         isotype_controls=isotype_controls,
         empty_droplets=None if empty_droplets is None else _protein_modality_droplets(
-            empty_droplets))
+            empty_droplets),
+        panel_key=panel_key, size_factor_key=size_factor_key)
     registry["mudata"] = provisional["mudata"]
     mdata.uns[REGISTRY_KEY] = registry
     return registry
 
 
-def batch_codes(adata: AnnData, registry: dict) -> np.ndarray:
-    """Integer batch code per cell; raises on categories unseen at registration."""
-    key = registry["batch_key"]
+def batch_codes(adata: AnnData, registry: dict, what: str = "batch") -> np.ndarray:
+    """Integer batch (or, with ``what="panel"``, panel) code per cell; raises on categories
+    unseen at registration."""
+    key, categories = registry[f"{what}_key"], registry[f"{what}_categories"]
     if key is None:
         return np.zeros(adata.n_obs, dtype=np.int64)
     if key not in adata.obs:
-        raise KeyError(f"batch_key {key!r} not in adata.obs (columns: {list(adata.obs)})")
+        raise KeyError(f"{what}_key {key!r} not in adata.obs (columns: {list(adata.obs)})")
     values = adata.obs[key].astype(str).to_numpy()
-    lookup = {c: i for i, c in enumerate(registry["batch_categories"])}
+    lookup = {str(c): i for i, c in enumerate(categories)}
     unknown = sorted(set(values) - set(lookup))
     if unknown:
         raise TotalVIDataError(
             f"adata.obs[{key!r}] has categories unseen at training time: {unknown}; "
-            f"known: {registry['batch_categories']}"
+            f"known: {list(categories)}"
         )
     return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
 
@@ -858,17 +946,28 @@ class CiteData:
     registry
         The registry to check ``adata`` against; default ``adata.uns["_pyro_totalvi"]``.
 
+    override_missing_proteins
+        ``True``: a protein with zero counts in every cell of a batch (or panel) is still taken
+        as measured, as scvi-tools' ``TOTALVI(..., override_missing_proteins=True)``; an
+        explicit ``protein_mask`` is applied either way.
+
     Attributes
     ----------
+    panel, n_panels, panel_categories
+        The protein panel of every cell: the registered ``panel_key`` codes, or the batch codes
+        when no ``panel_key`` was registered (then a panel is a batch).
     protein_measured
-        Bool ``(batches, proteins)``: whether a protein was measured in a batch; from the
+        Bool ``(panels, proteins)``: whether a protein was measured in a panel; from the
         registered ``protein_mask`` if any, else a protein with zero counts in every cell of a
-        batch counts as not measured there (as scvi-tools decides).
+        panel counts as not measured there (as scvi-tools decides).
     cell_protein_mask
         Bool ``(cells, proteins)`` when the mask was registered per cell (an ``obsm`` key), else
         ``None``.
     covariates
         Float ``(cells, p)`` network covariates (:func:`covariate_matrix`) or ``None``.
+    log_library
+        ``log l`` of every cell: the log total RNA counts, or the log of the registered size
+        factor (``size_factor_key``).
     droplets
         The registered empty droplets (:class:`DropletData`), or ``None``.
     extras
@@ -877,7 +976,7 @@ class CiteData:
     """
 
     def __init__(self, adata: AnnData, registry: dict | None = None,
-                 extras: tuple[str, ...] = ()):
+                 extras: tuple[str, ...] = (), override_missing_proteins: bool = False):
         if registry is None:
             if REGISTRY_KEY not in adata.uns:
                 raise TotalVIDataError(
@@ -897,7 +996,7 @@ class CiteData:
         #: ``proteins_optional``): every protein then counts as unmeasured in every cell.
         self.has_proteins = key in adata.obsm or not registry.get("proteins_optional")
         if self.has_proteins:
-            y, names = _get_protein(adata, key)
+            y, names = _get_protein(adata, key, registry.get("protein_names_uns_key"))
             if list(names) != protein_names:
                 raise TotalVIDataError(
                     f"proteins differ from the training data: expected {len(protein_names)}"
@@ -909,39 +1008,61 @@ class CiteData:
         self.Y = np.ascontiguousarray(y, dtype=np.float32)
         self.batch = batch_codes(adata, registry)
         self.n_batches = len(registry["batch_categories"])
-        totals = np.asarray(self.X.sum(axis=1)).ravel().astype(np.float64)
-        self.log_library = np.log(np.maximum(totals, 1.0)).astype(np.float32)
+        self.has_panels = registry.get("panel_key") is not None
+        self.panel = batch_codes(adata, registry, "panel") if self.has_panels else self.batch
+        self.panel_categories = [str(c) for c in registry[
+            "panel_categories" if self.has_panels else "batch_categories"]]
+        self.n_panels = len(self.panel_categories)
+        if registry.get("size_factor_key") is not None:
+            self.log_library = np.log(size_factors(adata, registry["size_factor_key"]))
+        else:
+            totals = np.asarray(self.X.sum(axis=1)).ravel().astype(np.float64)
+            self.log_library = np.log(np.maximum(totals, 1.0))
+        self.log_library = self.log_library.astype(np.float32)
+        self._find_measured(adata, protein_names, override_missing_proteins)
+        self.covariates = covariate_matrix(adata, registry)
+        self._find_extras(adata, extras)
+        self._eye = torch.eye(self.n_batches)
+        self._panel_eye = torch.eye(self.n_panels)
+        entry = registry.get("empty_droplets")
+        if entry and self.has_panels:  # setup refuses this; a hand-edited registry lands here
+            raise TotalVIDataError(_DROPLETS_AND_PANELS)
+        # without panels, a panel is a batch: protein_measured is per batch, as the droplets need
+        self.droplets = None if not entry else DropletData(entry, registry, self.protein_measured)
+
+    def _find_measured(self, adata: AnnData, protein_names: list[str], override: bool) -> None:
+        """``protein_measured`` (panels x proteins) and ``cell_protein_mask`` (or ``None``)."""
         self.cell_protein_mask = None
-        mask_key, batch_mask = registry.get("protein_mask_obsm_key"), registry.get("protein_mask")
-        measured = np.ones((self.n_batches, self.Y.shape[1]), dtype=bool)
-        if not self.has_proteins:  # no protein table: nothing measured in these cells' batches
-            measured[np.unique(self.batch)] = False
+        mask_key = self.registry.get("protein_mask_obsm_key")
+        panel_mask = self.registry.get("protein_mask")
+        measured = np.ones((self.n_panels, self.Y.shape[1]), dtype=bool)
+        if not self.has_proteins:  # no protein table: nothing measured in these cells' panels
+            measured[np.unique(self.panel)] = False
         elif mask_key is not None:  # the user's cells x proteins mask
             cell_mask = _cell_protein_mask(adata, str(mask_key), protein_names)
-            for b in np.unique(self.batch):
-                measured[b] = cell_mask[self.batch == b].any(axis=0)
-            # a mask that is constant within each batch is kept per batch (cheaper, same model)
-            if not np.array_equal(cell_mask, measured[self.batch]):
+            for b in np.unique(self.panel):
+                measured[b] = cell_mask[self.panel == b].any(axis=0)
+            # a mask that is constant within each panel is kept per panel (cheaper, same model)
+            if not np.array_equal(cell_mask, measured[self.panel]):
                 self.cell_protein_mask = cell_mask
-        elif batch_mask is not None:  # the user's batches x proteins mask
-            measured = np.array(batch_mask, dtype=bool).reshape(self.n_batches, -1)
-        else:
-            # A protein with zero counts in every cell of a batch was not measured there
-            # (as scvi-tools decides); it is masked out of that batch's likelihood.
-            for b in np.unique(self.batch):
-                measured[b] = self.Y[self.batch == b].sum(axis=0) > 0
+        elif panel_mask is not None:  # the user's panels (batches) x proteins mask
+            measured = np.array(panel_mask, dtype=bool).reshape(self.n_panels, -1)
+        elif not override:
+            # A protein with zero counts in every cell of a panel was not measured there
+            # (as scvi-tools decides); it is masked out of that panel's likelihood.
+            for b in np.unique(self.panel):
+                measured[b] = self.Y[self.panel == b].sum(axis=0) > 0
         self.protein_measured = measured
-        self.covariates = covariate_matrix(adata, registry)
-        registered = registry.get("extras") or {}
+
+    def _find_extras(self, adata: AnnData, extras: tuple[str, ...]) -> None:
+        """``extras``: the per-cell codes of the registered extension inputs the model needs."""
+        registered = self.registry.get("extras") or {}
         absent = [name for name in extras if name not in registered]
         if absent:
             raise TotalVIDataError(
                 f"the model needs the inputs {absent}, which adata's registry lacks (registered:"
                 f" {sorted(registered)}); set it up with the model class's setup_anndata")
         self.extras = {name: obs_codes(adata, registered[name], name) for name in extras}
-        self._eye = torch.eye(self.n_batches)
-        entry = registry.get("empty_droplets")
-        self.droplets = None if not entry else DropletData(entry, registry, measured)
 
     @property
     def n_obs(self) -> int:
@@ -963,7 +1084,7 @@ class CiteData:
         """Bool ``(len(idx), proteins)``: which proteins were measured in these cells."""
         if self.cell_protein_mask is not None:
             return self.cell_protein_mask[idx]
-        return self.protein_measured[self.batch[idx]]
+        return self.protein_measured[self.panel[idx]]
 
     def minibatch(self, idx: np.ndarray, device: torch.device | str | None = None) -> Minibatch:
         """Dense tensors for the cells ``idx`` (sorted for cache-friendly CSR row access).
@@ -981,6 +1102,11 @@ class CiteData:
         mask = None
         if self.cell_protein_mask is not None or not self.protein_measured.all():
             mask = torch.from_numpy(np.ascontiguousarray(self.measured(idx)))
+        # the panel (one-hot) indexes the background prior; only when one is registered, so
+        # that model extensions without a `panel` argument keep working
+        extras = {name: torch.from_numpy(values[idx]) for name, values in self.extras.items()}
+        if self.has_panels:
+            extras["panel"] = self._panel_eye[torch.from_numpy(self.panel[idx])]
         return Minibatch(
             x=x,
             y=torch.from_numpy(self.Y[idx]),
@@ -989,7 +1115,7 @@ class CiteData:
             protein_mask=mask,
             idx=torch.from_numpy(idx),
             covariates=None if self.covariates is None else torch.from_numpy(self.covariates[idx]),
-            extras={name: torch.from_numpy(values[idx]) for name, values in self.extras.items()},
+            extras=extras,
         ).to(device)
 
 
@@ -1017,11 +1143,12 @@ def protein_background_prior(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Initial c_t, exp(d_t) of Eq. (11), shape ``(T, K)``, from the data.
 
-    For (up to ``n_cells``) cells of each batch, a two-component Gaussian mixture over the cell's
-    ``log(y + 1)`` across its measured proteins separates the background level of that cell from
-    its foreground; the mean and standard deviation of the lower component, aggregated over cells,
-    initialise every protein of the batch. A per-protein fit would call the upper half of a purely
-    background antibody (an isotype control) "foreground".
+    ``K`` is the number of panels (``data.panel``: the batches unless a ``panel_key`` was
+    registered). For (up to ``n_cells``) cells of each panel, a two-component Gaussian mixture
+    over the cell's ``log(y + 1)`` across its measured proteins separates the background level of
+    that cell from its foreground; the mean and standard deviation of the lower component,
+    aggregated over cells, initialise every protein of the panel. A per-protein fit would call the
+    upper half of a purely background antibody (an isotype control) "foreground".
 
     The procedure is scvi-tools' (``TOTALVI._get_totalvi_protein_priors``) with one deliberate
     difference in the aggregated scale: here the root mean square of the cells' standard
@@ -1035,10 +1162,10 @@ def protein_background_prior(
     from sklearn.mixture import GaussianMixture
 
     rng = np.random.default_rng(seed)
-    T, K = data.n_proteins, data.n_batches
+    T, K = data.n_proteins, data.n_panels
     mean, scale = np.zeros((T, K), np.float32), np.ones((T, K), np.float32)
     for b in range(K):
-        cells = np.flatnonzero(data.batch == b)
+        cells = np.flatnonzero(data.panel == b)
         # too few proteins to tell the two apart
         if len(cells) == 0 or data.protein_measured[b].sum() < 5:
             mean[:, b], scale[:, b] = 0.0, 1.0

@@ -226,6 +226,15 @@ class TotalVIModule(nn.Module):
         Add the per-cell background shift ``b_n`` with per-protein loadings (Eqs. 11, 11b).
     empty_droplets
         Model empty droplets (Eq. 11c), passed to :meth:`model` as ``droplets``.
+    n_panels
+        Number of protein panels (scvi-tools' ``panel_key``): the background prior of
+        Eq. (11) then has one ``c_t, d_t`` per panel, and :meth:`model` takes the one-hot
+        ``panel (B, P)``, instead of one per batch. Default ``None``: the batches are the panels.
+    use_size_factor_key
+        The library ``l_n`` is a given size factor (scvi-tools' ``size_factor_key``, passed as
+        ``log_library``), not the total counts: ``rho`` is then the softplus of the decoder's
+        output instead of its softmax, so it is non-negative but not on the simplex (as
+        scvi-tools' ``DecoderTOTALVI(scale_activation="softplus")``). Implies an observed library.
     """
 
     def __init__(
@@ -254,6 +263,8 @@ class TotalVIModule(nn.Module):
         isotype_controls: list[int] | None = None,
         background_cell_scale: bool = True,
         empty_droplets: bool = False,
+        n_panels: int | None = None,
+        use_size_factor_key: bool = False,
     ):
         super().__init__()
         if protein_mixture not in ("marginal", "enumerate"):
@@ -263,16 +274,14 @@ class TotalVIModule(nn.Module):
         self.n_covariates = n_covariates
         self.encode_covariates = encode_covariates
         self.protein_mixture = protein_mixture
-        self.use_observed_lib_size = use_observed_lib_size
+        self.use_size_factor_key = use_size_factor_key
+        self.use_observed_lib_size = use_observed_lib_size or use_size_factor_key
+        self.n_panels = n_batches if n_panels is None else n_panels
         self.background_preference = background_preference
         self.protein_warmup = protein_warmup
         self.modality_weights = check_modality_weights(modality_weights)
-        self.min_foreground_ratio = float(min_foreground_ratio)
-        if self.min_foreground_ratio < 1.0:
-            raise ValueError(f"min_foreground_ratio must be >= 1, got {min_foreground_ratio}")
-        self.isotype_controls = sorted({int(t) for t in isotype_controls or []})
-        self.background_cell_scale = bool(background_cell_scale)
-        self.empty_droplets = bool(empty_droplets)
+        self._set_background_settings(min_foreground_ratio, isotype_controls,
+                                      background_cell_scale, empty_droplets, n_panels)
         #: encoder sizes, for an extension's networks on the guide side (e.g. a classifier)
         self.encoder_sizes = dict(n_hidden=n_hidden, n_layers=n_layers_encoder,
                                   dropout=dropout_rate_encoder)
@@ -280,9 +289,10 @@ class TotalVIModule(nn.Module):
 
         self.encoder = Encoder(n_genes, n_proteins, n_latent, n_cov if encode_covariates else 0,
                                n_hidden, n_layers_encoder, dropout_rate_encoder,
-                               latent_library=not use_observed_lib_size,
+                               latent_library=not self.use_observed_lib_size,
                                scale_input=scale_encoder_input)
-        self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder)
+        self.decoder = Decoder(n_latent, n_genes, n_proteins, n_cov, n_hidden, dropout_rate_decoder,
+                               rho_activation="softplus" if use_size_factor_key else "softmax")
         self.background_encoder = BackgroundEncoder(n_latent, n_proteins, n_cov, n_hidden,
                                                     dropout_rate_decoder)
 
@@ -291,19 +301,36 @@ class TotalVIModule(nn.Module):
         self.log_phi = nn.Parameter(2 * torch.rand(n_proteins))
         # c_t and d_t of Eq. (11): learned, one value per protein and batch; d on the log scale.
         if background_prior_mean is None:
-            background_prior_mean = torch.randn(n_proteins, n_batches)
-            background_prior_scale = torch.rand(n_proteins, n_batches).clamp_min(1e-2)
+            background_prior_mean = torch.randn(n_proteins, self.n_panels)
+            background_prior_scale = torch.rand(n_proteins, self.n_panels).clamp_min(1e-2)
         self.background_c = nn.Parameter(torch.as_tensor(background_prior_mean, dtype=torch.float32))
         self.background_log_d = nn.Parameter(
             torch.as_tensor(background_prior_scale, dtype=torch.float32).log()
         )
         self._init_background_options(n_proteins, n_batches, n_cov)
-        # l_mu and l_sigma^2 of Eq. (5) are data statistics, not learned: buffers.
+        # l_mu and l_sigma^2 of Eq. (5) are data statistics, not learned: buffers (none when a
+        # size factor is the library: it is never latent then, as in scvi-tools).
         zeros = torch.zeros(n_batches)
-        self.register_buffer("library_log_means", torch.as_tensor(
-            zeros if library_log_means is None else library_log_means, dtype=torch.float32))
-        self.register_buffer("library_log_vars", torch.as_tensor(
-            zeros + 1 if library_log_vars is None else library_log_vars, dtype=torch.float32))
+        if not use_size_factor_key:
+            self.register_buffer("library_log_means", torch.as_tensor(
+                zeros if library_log_means is None else library_log_means, dtype=torch.float32))
+            self.register_buffer("library_log_vars", torch.as_tensor(
+                zeros + 1 if library_log_vars is None else library_log_vars,
+                dtype=torch.float32))
+
+    def _set_background_settings(self, min_foreground_ratio: float, isotype_controls,
+                                 background_cell_scale: bool, empty_droplets: bool,
+                                 n_panels: int | None) -> None:
+        """Check and store the options of Eqs. (7'), (11b), (11c) and (12')."""
+        self.min_foreground_ratio = float(min_foreground_ratio)
+        if self.min_foreground_ratio < 1.0:
+            raise ValueError(f"min_foreground_ratio must be >= 1, got {min_foreground_ratio}")
+        self.isotype_controls = sorted({int(t) for t in isotype_controls or []})
+        self.background_cell_scale = bool(background_cell_scale)
+        self.empty_droplets = bool(empty_droplets)
+        if self.empty_droplets and n_panels is not None:
+            raise ValueError("empty_droplets needs the background prior per batch (the droplets "
+                             "have a batch, not a panel); it cannot be combined with n_panels")
 
     def _init_background_options(self, n_proteins: int, n_batches: int, n_cov: int) -> None:
         """Buffers, parameters and guide networks of isotype controls, the per-cell background
@@ -409,7 +436,8 @@ class TotalVIModule(nn.Module):
 
     def decode(self, z: torch.Tensor, cov: torch.Tensor):
         """Eqs. (2)-(4), (6)-(8): ``rho (B, G)``, ``alpha (B, T) >= 1`` and the *logits* of
-        ``pi (B, T)`` from ``z (B, d)`` and ``cov`` = ``s ⊕ covariates``."""
+        ``pi (B, T)`` from ``z (B, d)`` and ``cov`` = ``s ⊕ covariates``. ``rho`` is on the
+        simplex, or only non-negative with ``use_size_factor_key`` (softplus)."""
         rho, alpha, pi_logits = self.decoder(z, cov)
         if self.isotype_mask is not None:  # declared isotype controls: background only, v = 1
             pi_logits = torch.where(self.isotype_mask, BACKGROUND_ONLY_LOGIT, pi_logits)
@@ -426,13 +454,16 @@ class TotalVIModule(nn.Module):
         """Eq. (10): NB(l_n rho_ng, theta_g), ``(B, G)``."""
         return NegativeBinomial(library * rho, self.log_theta.exp())
 
-    def background_prior(self, s: torch.Tensor, shift: torch.Tensor | None = None
-                         ) -> dist.Distribution:
-        """Eq. (11): LogNormal(c_t^T s_n + b_n, d_t^T s_n), ``(B, T)`` (``d`` kept on the log
-        scale); ``shift`` is the per-cell background shift ``b_n`` ``(B, 1)`` (0 when ``None``)."""
-        loc = s @ self.background_c.T
+    def background_prior(self, s: torch.Tensor, shift: torch.Tensor | None = None,
+                         panel: torch.Tensor | None = None) -> dist.Distribution:
+        """Eq. (11): LogNormal(c_t^T s_n + lambda_t b_n, d_t^T s_n), ``(B, T)`` (``d`` kept on
+        the log scale); ``shift`` is the per-cell background shift ``b_n`` ``(B, 1)`` (0 when
+        ``None``); ``panel``, the one-hot panel ``(B, P)`` of a module with ``n_panels``, indexes
+        ``c`` and ``d`` instead of ``s`` (as scvi-tools' ``panel_key``)."""
+        onehot = s if panel is None else panel
+        loc = onehot @ self.background_c.T
         return dist.LogNormal(loc if shift is None else loc + self.background_loading * shift,
-                              (s @ self.background_log_d.T).exp())
+                              (onehot @ self.background_log_d.T).exp())
 
     def background_scale_prior(self, s: torch.Tensor) -> dist.Distribution:
         """Eq. (11b): the per-cell background shift b_n ~ Normal(0, 1), ``(B, 1)``."""
@@ -484,6 +515,7 @@ class TotalVIModule(nn.Module):
         kl_weight: float = 1.0,
         decode_as: torch.Tensor | None = None,
         droplets=None,
+        panel: torch.Tensor | None = None,
     ):
         """p(x, y, z, l, beta, v | s).
 
@@ -494,24 +526,24 @@ class TotalVIModule(nn.Module):
         s
             One-hot batch ``(B, K)``.
         log_library
-            ``(B, 1)`` log total RNA counts, required when the library is observed.
+            ``(B, 1)`` log library (total RNA counts or size factor), when it is observed.
         covariates
             Extra network covariates ``(B, p)``.
         protein_mask
-            Boolean ``(B, T)``: ``False`` where a protein was not measured; such entries add nothing
-            to the likelihood.
+            Boolean ``(B, T)``: ``False`` where a protein was not measured (adds nothing).
         idx, n_obs
             Indices of the minibatch among ``n_obs`` cells (see :meth:`cells_plate`).
         kl_weight
-            KL warm-up factor on the local latent sites ``z`` and ``beta`` (and, with
-            ``protein_warmup``, on the protein likelihood).
+            KL warm-up factor on the local latent sites (with ``protein_warmup``, on ``y`` too).
         decode_as
             One-hot batch ``(B, K)`` that the generative networks and the background prior see
             instead of ``s``: counterfactual expression "as if measured in that batch"
             (``transform_batch``). The encoder always sees the cell's own ``s``.
         droplets
-            A :class:`~pyro_totalvi.data.DropletBatch` of empty droplets (module built with
-            ``empty_droplets=True``): their sites are added by :meth:`droplet_model`.
+            Empty droplets (:class:`~pyro_totalvi.data.DropletBatch`; ``empty_droplets=True``):
+            their sites are added by :meth:`droplet_model`.
+        panel
+            One-hot protein panel ``(B, P)`` (``n_panels``): indexes the background prior.
 
         Besides the sample sites, ``rho``, ``alpha`` and ``pi`` are recorded as
         ``pyro.deterministic`` sites so that ``pyro.infer.Predictive`` returns them.
@@ -538,7 +570,7 @@ class TotalVIModule(nn.Module):
                 pyro.deterministic("alpha", alpha)
                 pyro.deterministic("pi", torch.sigmoid(pi_logits))
                 with poutine.scale(scale=kl_weight):
-                    beta = pyro.sample("beta", self.background_prior(s_gen, shift))  # (11)
+                    beta = pyro.sample("beta", self.background_prior(s_gen, shift, panel))  # (11)
                     self.background_penalty(pi_logits)  # not in the model; warmed up as scvi-tools
                 with poutine.scale(scale=kl_weight if self.protein_warmup else 1.0), \
                         self.modality_scale("protein"):
@@ -643,6 +675,7 @@ class TotalVIModule(nn.Module):
         kl_weight: float = 1.0,
         decode_as: torch.Tensor | None = None,
         droplets=None,
+        panel: torch.Tensor | None = None,
     ):
         """q(beta | z, s, b) q(b | y, s) q(z | x, y, s) q(l | x, y, s); arguments as :meth:`model`."""
         self._register_params()

@@ -151,17 +151,24 @@ class _Head(nn.Module):
 class Decoder(nn.Module):
     """The generative networks f_rho (Eq. 6), g_alpha (Eq. 7) and h_pi (Eq. 8).
 
-    Returns ``rho`` (softmax over genes), ``alpha >= 1`` and the *logits* of ``pi``.
+    Returns ``rho`` (softmax over genes; ``rho_activation="softplus"``: non-negative, not
+    normalised, for a library given as a size factor), ``alpha >= 1`` and the *logits* of ``pi``.
     """
 
-    def __init__(self, n_latent, n_genes, n_proteins, n_cov, n_hidden=256, dropout=0.0):
+    def __init__(self, n_latent, n_genes, n_proteins, n_cov, n_hidden=256, dropout=0.0,
+                 rho_activation: str = "softmax"):
         super().__init__()
+        if rho_activation not in ("softmax", "softplus"):
+            raise ValueError(f"rho_activation must be 'softmax' or 'softplus', got "
+                             f"{rho_activation!r}")
+        self.rho_activation = rho_activation
         self.rho = _Head(n_latent, n_genes, n_cov, n_hidden, dropout)
         self.alpha = _Head(n_latent, n_proteins, n_cov, n_hidden, dropout, activation_out=True)
         self.pi = _Head(n_latent, n_proteins, n_cov, n_hidden, dropout)
 
     def forward(self, z, cov):
-        rho = torch.softmax(self.rho(z, cov), dim=-1)
+        out = self.rho(z, cov)
+        rho = torch.softmax(out, dim=-1) if self.rho_activation == "softmax" else F.softplus(out)
         alpha = 1.0 + 1e-8 + self.alpha(z, cov)  # ReLU + 1: the foreground is never below background
         return rho, alpha, self.pi(z, cov)
 

@@ -22,7 +22,7 @@ from pyro import poutine
 from tqdm import tqdm
 
 from .data import CiteData, Minibatch, TotalVIDataError
-from .scoring import evaluate, score_minibatch
+from .scoring import cell_terms, score_minibatch
 
 __all__ = ["PosteriorMixin"]
 
@@ -192,20 +192,29 @@ class PosteriorMixin:
         adata: AnnData | None = None,
         indices=None,
         give_mean: bool = True,
+        mc_samples: int = 5000,
         batch_size: int | None = None,
-    ) -> np.ndarray:
+        return_dist: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Posterior mean (or one sample) of z per cell, ``(n_cells, n_latent)``.
 
         Store it the scanpy way: ``adata.obsm["X_totalvi"] = model.get_latent_representation()``.
+        ``give_mean=False``: one draw from q(z | x, y, s) per cell. ``return_dist=True``: the
+        mean and the variance of q, two arrays (as scvi-tools). ``mc_samples`` is accepted for
+        scvi-tools compatibility; q is Gaussian, so its mean needs no Monte Carlo estimate.
         """
         data, idx = self._prepare(adata, indices)
-        out = np.zeros((len(idx), self.module.n_latent), dtype=np.float32)
+        loc = np.zeros((len(idx), self.module.n_latent), dtype=np.float32)
+        var = np.zeros_like(loc) if return_dist else None
         for pos, mb in self._chunks(data, idx, batch_size):
             # encode() masks unmeasured proteins and adds the covariates the encoder expects
             z_loc, z_scale, _, _ = self.module.encode(*mb.args())
+            if return_dist:
+                loc[pos], var[pos] = z_loc.cpu().numpy(), z_scale.square().cpu().numpy()
+                continue
             z = z_loc if give_mean else torch.distributions.Normal(z_loc, z_scale).sample()
-            out[pos] = z.cpu().numpy()
-        return out
+            loc[pos] = z.cpu().numpy()
+        return (loc, var) if return_dist else loc
 
     @torch.no_grad()
     def get_latent_library_size(
@@ -243,11 +252,42 @@ class PosteriorMixin:
         return out
 
     # -- denoised expression -------------------------------------------------------------------
+    def _denoised(self, library_size="latent", sample_protein_mixing: bool = False,
+                  include_protein_background: bool = False, scale_protein: bool = False,
+                  weight: str = "pi"):
+        """``quantity(mb, draw)`` for :meth:`_average_draws`: ``(l' rho, protein)`` of one draw
+        (see :meth:`get_normalized_expression` for the options). ``weight`` is the draw's site
+        holding the background weight: ``"pi"`` (prior) or :data:`PI_GIVEN_Y` (given the
+        counts)."""
+        def denoised(mb, d):
+            if library_size == "latent":
+                lib = d["l"] if "l" in d else mb.log_library.exp()
+            else:
+                lib = float(library_size)
+            pi = torch.bernoulli(d[weight]) if sample_protein_mixing else d[weight]
+            pro = (1 - pi) * d["beta"] * d["alpha"]
+            if include_protein_background:
+                pro = pro + pi * d["beta"]
+            if scale_protein:
+                pro = pro / pro.sum(-1, keepdim=True)
+            return lib * d["rho"], pro
+
+        return denoised
+
+    def _sample_cells(self, idx: np.ndarray, n: int | None) -> np.ndarray:
+        """``n`` cells drawn from ``idx`` with replacement (all of ``idx`` when ``n`` is None),
+        from a generator seeded by torch's, so ``torch.manual_seed`` fixes the choice."""
+        if n is None:
+            return idx
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        return rng.choice(idx, int(n), replace=True)
+
     @torch.no_grad()
     def get_normalized_expression(
         self,
         adata: AnnData | None = None,
         indices=None,
+        n_samples_overall: int | None = None,
         transform_batch=None,
         gene_list: Sequence[str] | None = None,
         protein_list: Sequence[str] | None = None,
@@ -256,13 +296,15 @@ class PosteriorMixin:
         sample_protein_mixing: bool = False,
         scale_protein: bool = False,
         include_protein_background: bool = False,
-        return_mean: bool = True,
-        return_numpy: bool = False,
         batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
         progress_bar: bool = False,
         given_counts: bool | None = None,
     ):
-        r"""Denoised RNA and protein expression, Monte Carlo averaged over q.
+        r"""Denoised RNA and protein expression, Monte Carlo averaged over q (scvi-tools'
+        arguments, in its order).
 
         RNA: :math:`E_q[l' \rho_n]` with :math:`l'` = ``library_size`` (``"latent"``: the cell's
         own library). Protein: :math:`E_q[(1 - w_{nt}) \beta_{nt} \alpha_{nt}]`, plus
@@ -276,14 +318,19 @@ class PosteriorMixin:
 
         Parameters
         ----------
+        n_samples_overall
+            Draw this many cells (with replacement) from ``indices`` and return one row per
+            draw (rows repeat cells), as scvi-tools; ``None``: every cell once.
         transform_batch
             A batch category, or a list of them (averaged): the generative networks decode every
             cell as if it came from that batch (counterfactual expression). ``None``: own batch.
         n_samples, return_mean
-            Number of posterior draws; ``return_mean=False`` returns every draw (arrays of shape
-            ``(n_samples, n_cells, n_features)``, memory grows with ``n_samples``).
+            Number of posterior draws; ``n_samples > 1`` with ``return_mean=False``: every draw,
+            arrays ``(n_cells, n_features, n_samples)`` as scvi-tools 1.4.2 returns them.
         return_numpy
-            Arrays instead of DataFrames (cells x genes / proteins).
+            Arrays instead of DataFrames (default: DataFrames, except for every draw).
+        silent, progress_bar
+            ``silent=False`` (or ``progress_bar=True``) shows a progress bar over cell chunks.
         given_counts
             ``None`` (default): ``True`` unless ``transform_batch`` is given; see above.
 
@@ -292,32 +339,26 @@ class PosteriorMixin:
         ``(rna, protein)``.
         """
         data, idx = self._prepare(adata, indices)
-        names = self._cell_names(adata, idx)
+        idx = self._sample_cells(idx, n_samples_overall)
         g_sel = self._select(list(map(str, self.adata.var_names)), gene_list, "genes")
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
         weight = PI_GIVEN_Y if self._given_counts(given_counts, transform_batch) else "pi"
         sites = ["rho", "alpha", weight, "beta"] + (["l"] if library_size == "latent" and
                                                     not self.module.use_observed_lib_size else [])
         g_t, p_t = torch.from_numpy(g_sel).to(self.device), torch.from_numpy(p_sel).to(self.device)
-
-        def denoised(mb, d):
-            if library_size == "latent":
-                lib = d["l"] if "l" in d else mb.log_library.exp()
-            else:
-                lib = float(library_size)
-            pi = torch.bernoulli(d[weight]) if sample_protein_mixing else d[weight]
-            pro = (1 - pi) * d["beta"] * d["alpha"]
-            if include_protein_background:
-                pro = pro + pi * d["beta"]
-            if scale_protein:
-                pro = pro / pro.sum(-1, keepdim=True)
-            return (lib * d["rho"])[:, g_t], pro[:, p_t]
-
+        denoised = self._denoised(library_size, sample_protein_mixing,
+                                  include_protein_background, scale_protein, weight)
+        all_draws = n_samples > 1 and not return_mean
         rna_out, pro_out = self._average_draws(
-            data, idx, batch_size, self._batch_codes(transform_batch), n_samples, sites, denoised,
-            (len(g_sel), len(p_sel)), return_mean, progress_bar, "Normalized expression")
-        if return_numpy or not return_mean:
+            data, idx, batch_size, self._batch_codes(transform_batch), n_samples, sites,
+            lambda mb, d: tuple(v[:, t] for v, t in zip(denoised(mb, d), (g_t, p_t))),
+            (len(g_sel), len(p_sel)), not all_draws, progress_bar or not silent,
+            "Normalized expression")
+        if all_draws:  # (samples, cells, features) -> scvi-tools' (cells, features, samples)
+            return np.moveaxis(rna_out, 0, -1), np.moveaxis(pro_out, 0, -1)
+        if return_numpy:
             return rna_out, pro_out
+        names = self._cell_names(adata, idx)
         genes = np.asarray(self.adata.var_names)[g_sel]
         proteins = np.asarray(self.registry["protein_names"])[p_sel]
         return (pd.DataFrame(rna_out, index=names, columns=genes),
@@ -377,22 +418,26 @@ class PosteriorMixin:
             ``True``: the responsibility above; ``False``: :math:`E_q[1 - \pi]`; ``None``
             (default): ``True`` unless ``transform_batch`` is given.
         n_samples, return_mean, return_numpy, batch_size, silent
-            As scvi-tools (``silent`` is accepted and ignored: no progress bar is shown).
+            As scvi-tools (``silent=False`` shows a progress bar over cell chunks).
 
         Returns
         -------
-        DataFrame (cells x proteins), or an array (``(n_samples, cells, proteins)`` with
-        ``return_mean=False``).
+        DataFrame (cells x proteins), or an array (all draws, ``n_samples > 1`` and
+        ``return_mean=False``: ``(cells, proteins, n_samples)``, as scvi-tools 1.4.2).
         """
         given = self._given_counts(given_counts, transform_batch)
         data, idx = self._prepare(adata, indices)
         p_sel = self._select(self.registry["protein_names"], protein_list, "proteins")
         p_t = torch.from_numpy(p_sel).to(self.device)
         site = PI_GIVEN_Y if given else "pi"
+        all_draws = n_samples > 1 and not return_mean
         (out,) = self._average_draws(
             data, idx, batch_size, self._batch_codes(transform_batch), n_samples, [site],
-            lambda mb, d: (1 - d[site][:, p_t],), (len(p_sel),), return_mean)
-        if return_numpy or not return_mean:
+            lambda mb, d: (1 - d[site][:, p_t],), (len(p_sel),), not all_draws, not silent,
+            "Foreground probability")
+        if all_draws:  # (samples, cells, proteins) -> scvi-tools' (cells, proteins, samples)
+            return np.moveaxis(out, 0, -1)
+        if return_numpy:
             return out
         return pd.DataFrame(out, index=self._cell_names(adata, idx),
                             columns=np.asarray(self.registry["protein_names"])[p_sel])
@@ -467,7 +512,7 @@ class PosteriorMixin:
         gene_list: Sequence[str] | None = None,
         protein_list: Sequence[str] | None = None,
         batch_size: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> dict[str, np.ndarray]:
         """Counts drawn from p(x, y | z, l, beta) with (z, l, beta) ~ q: replicated data.
 
         The guide draws the latent variables from the observed cells, then the model, replayed on
@@ -476,7 +521,8 @@ class PosteriorMixin:
 
         Returns
         -------
-        ``(rna, protein)`` of shape ``(n_cells, n_features)``, or
+        As scvi-tools 1.4: ``{"rna": ..., "protein": ...}`` (for a model of a MuData, keyed by
+        the RNA and protein modality names), arrays of shape ``(n_cells, n_features)``, or
         ``(n_cells, n_features, n_samples)`` when ``n_samples > 1`` (all draws are returned).
         """
         data, idx = self._prepare(adata, indices)
@@ -491,8 +537,11 @@ class PosteriorMixin:
                 rna[pos] = rep.nodes["x"]["value"][..., g_sel].permute(1, 2, 0).cpu().numpy()
                 pro[pos] = rep.nodes["y"]["value"][..., p_sel].permute(1, 2, 0).cpu().numpy()
         if n_samples == 1:
-            return rna[..., 0], pro[..., 0]
-        return rna, pro
+            rna, pro = rna[..., 0], pro[..., 0]
+        if self.mdata is not None:
+            mods = self.registry["mudata"]["modalities"]
+            return {mods["rna_layer"]: rna, mods["protein_layer"]: pro}
+        return {"rna": rna, "protein": pro}
 
     @torch.no_grad()
     def get_feature_correlation_matrix(
@@ -505,6 +554,7 @@ class PosteriorMixin:
         transform_batch=None,
         correlation_type: str = "spearman",
         log_transform: bool = False,
+        silent: bool = True,
     ) -> pd.DataFrame:
         """Correlation of genes and proteins over cells and posterior draws of denoised values.
 
@@ -512,14 +562,17 @@ class PosteriorMixin:
         one per cell, sample and ``transform_batch`` entry. Pearson uses running sums (memory
         O(features^2)); Spearman needs the ranks of all draws, so it keeps them
         (cells x n_samples x features float32): subsample cells with ``indices`` for big data.
+        ``silent=False`` shows a progress bar over cell chunks.
         """
         if correlation_type not in ("spearman", "pearson"):
             raise ValueError("correlation_type must be 'spearman' or 'pearson'")
         data, idx = self._prepare(adata, indices)
         names = list(map(str, self.adata.var_names)) + list(self.registry["protein_names"])
         kept, n, s1, s2 = [], 0, 0.0, 0.0
+        chunks = tqdm(self._chunks(data, idx, batch_size), disable=silent, desc="Correlation",
+                      total=-(-len(idx) // (batch_size or _CHUNK)))
         with self.module.fast_calls():
-            for _, mb in self._chunks(data, idx, batch_size):
+            for _, mb in chunks:
                 for code in self._batch_codes(transform_batch):
                     for d in self._draws(mb, n_samples, code, ["rho", "alpha", "pi", "beta"]):
                         v = torch.bernoulli(d["pi"])
@@ -544,25 +597,39 @@ class PosteriorMixin:
         return pd.DataFrame(corr, index=names, columns=names)
 
     # -- likelihood ----------------------------------------------------------------------------
-    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
-        """ELBO per cell (higher is better, as scvi-tools): full KL weight, analytic KL.
+    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int = 1024,
+                 return_mean: bool = True) -> float | np.ndarray:
+        """ELBO per cell (higher is better, as scvi-tools): full KL weight, analytic KL; the mean
+        over cells, or (``return_mean=False``) one value per cell.
 
         ``history["elbo_*"]`` holds the negative of this quantity (lower is better), as in
         scvi-tools' training history.
         """
         data, idx = self._prepare(adata, indices)
-        return -evaluate(self.module, data, idx, batch_size)["elbo"]
+        terms, _ = cell_terms(self.module, data, idx, batch_size)
+        elbo = -sum(terms.values())
+        return float(elbo.mean()) if return_mean else elbo
 
     def get_reconstruction_error(self, adata: AnnData | None = None, indices=None,
-                                 batch_size: int = 1024) -> float:
-        """Mean negative log-likelihood per cell of (x, y) under one draw of q (lower is better)."""
+                                 batch_size: int = 1024, return_mean: bool = True) -> dict:
+        """Negative log-likelihood per cell under one draw of q (lower is better), per modality:
+        ``{"reconst_loss_gene": ..., "reconst_loss_protein": ...}`` as scvi-tools (an observed
+        site that a model extension adds appears as ``"reconst_loss_<site>"``); means over cells,
+        or one value per cell with ``return_mean=False``. Their sum is the ``reconstruction_loss``
+        of the training history."""
         data, idx = self._prepare(adata, indices)
-        return evaluate(self.module, data, idx, batch_size)["reconstruction_loss"]
+        terms, observed = cell_terms(self.module, data, idx, batch_size)
+        names = {"x": "reconst_loss_gene", "y": "reconst_loss_protein"}
+        out = {names.get(site, f"reconst_loss_{site}"): terms[site]
+               for site in sorted(observed, key=lambda k: (k not in names, k)) if site in terms}
+        return {k: float(v.mean()) for k, v in out.items()} if return_mean else out
 
     @torch.no_grad()
     def get_marginal_ll(self, adata: AnnData | None = None, indices=None,
-                        n_mc_samples: int = 1000, batch_size: int | None = None) -> float:
-        r"""Importance-sampled :math:`\log p(x, y)` per cell (mean over cells; higher is better).
+                        n_mc_samples: int = 1000, batch_size: int | None = None,
+                        return_mean: bool = True) -> float | np.ndarray:
+        r"""Importance-sampled :math:`\log p(x, y)` per cell (mean over cells, or one value per
+        cell with ``return_mean=False``; higher is better).
 
         :math:`\log \frac1K \sum_k p(x, y, z_k, l_k, \beta_k) / q(z_k, l_k, \beta_k \mid x, y)`
         with the guide as proposal, ``v`` summed out; the weights come from the one trace scorer
@@ -571,14 +638,56 @@ class PosteriorMixin:
         ``n_mc_samples`` grows.
         """
         data, idx = self._prepare(adata, indices)
-        total = 0.0
+        out = np.zeros(len(idx))
         with self.module.fast_calls():
-            for _, mb in self._chunks(data, idx, batch_size):
+            for pos, mb in self._chunks(data, idx, batch_size):
                 log_w = torch.stack([
                     sum(score_minibatch(self.module, mb, data.n_obs, kl="sample")[0].values())
                     for _ in range(n_mc_samples)])
-                total += (torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).sum().item()
-        return total / max(len(idx), 1)
+                out[pos] = (torch.logsumexp(log_w.double(), 0)
+                            - np.log(n_mc_samples)).cpu().numpy()
+        return float(out.mean()) if return_mean else out
+
+    @torch.no_grad()
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        r"""Parameters of p(x, y | z, l, beta) at draws of q, per cell (scvi-tools 1.4.2's TOTALVI
+        raises ``NotImplementedError`` here; the keys follow its SCVI's ``"mean"`` and
+        ``"dispersions"``).
+
+        Returns
+        -------
+        ``"mean"`` (:math:`l_n \rho_{ng}`) and ``"dispersions"`` (:math:`\theta_g`) of the RNA
+        NB; ``"protein_back_mean"`` (:math:`\beta_{nt}`), ``"protein_fore_mean"``
+        (:math:`\beta_{nt}\alpha_{nt}`), ``"protein_mixing"`` (:math:`\pi_{nt}`, the
+        probability of background) and ``"protein_dispersions"`` (:math:`\phi_t`) of the
+        protein mixture. Arrays ``(cells, features)``; with ``n_samples > 1``, one leading axis
+        of draws, averaged away by ``give_mean=True``.
+        """
+        data, idx = self._prepare(adata, indices)
+        theta, phi = self.module.log_theta.exp(), self.module.log_phi.exp()
+        sites = ["rho", "alpha", "pi", "beta"] + ([] if self.module.use_observed_lib_size
+                                                  else ["l"])
+        lib = self._denoised("latent")
+
+        def params(mb, d):
+            mean, _ = lib(mb, d)
+            return (mean, theta.expand_as(mean), d["beta"], d["beta"] * d["alpha"], d["pi"],
+                    phi.expand_as(d["pi"]))
+
+        keep = n_samples > 1 and not give_mean
+        G, T = self.module.n_genes, self.module.n_proteins
+        outs = self._average_draws(data, idx, batch_size, [None], n_samples, sites, params,
+                                   (G, G, T, T, T, T), not keep)
+        keys = ("mean", "dispersions", "protein_back_mean", "protein_fore_mean",
+                "protein_mixing", "protein_dispersions")
+        return dict(zip(keys, outs))
 
     # -- helpers -------------------------------------------------------------------------------
     def _cell_names(self, adata: AnnData | None, idx: np.ndarray) -> pd.Index:

@@ -35,8 +35,8 @@ from .data import CiteData
 from .device import module_device
 from .model import MAX_PLATE_NESTING, PENALTY
 
-__all__ = ["trace_terms", "score_minibatch", "elbo_terms", "evaluate", "site_log_prob",
-           "protein_terms", "droplet_elbo"]
+__all__ = ["trace_terms", "score_minibatch", "cell_terms", "elbo_terms", "evaluate",
+           "site_log_prob", "protein_terms", "droplet_elbo"]
 
 
 def site_log_prob(site: dict) -> torch.Tensor:
@@ -151,25 +151,45 @@ def score_minibatch(module, mb, n_obs: int, kl: Literal["analytic", "sample"] = 
 
 
 @torch.no_grad()
-def _negative_term_means(module, data: CiteData, indices: np.ndarray, batch_size: int):
+def cell_terms(module, data: CiteData, indices: np.ndarray, batch_size: int = 1024
+               ) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Per cell of ``indices`` (in that order), each term of the negative ELBO, networks in eval
+    mode: :func:`trace_terms` with analytic KL, sign flipped.
+
+    Returns
+    -------
+    ``(terms, observed)``: ``terms[name]`` is a float64 array ``(len(indices),)`` for every model
+    site (``"x"``, ``"y"``: ``-log p`` of the counts under one draw of q; ``"z"``, ``"l"``,
+    ``"beta"``: KL of q from the prior; ``"l"`` is 0 with an observed library), and
+    ``observed`` names the observed sites among them.
+    """
     was_training = module.training
     module.eval()
     device = module_device(module)
-    sums = dict.fromkeys(("x", "y", "z", "l", "beta"), 0.0)
+    indices = np.asarray(indices, dtype=np.int64)
+    terms = {name: np.zeros(len(indices)) for name in ("x", "y", "z", "l", "beta")}
     observed = set()
     # No Pyro validation, as in training steps: it would reject the non-integer counts that
     # setup_anndata accepts with a warning (the NB log density is defined for them).
     try:
         with module.fast_calls():
             for start in range(0, len(indices), batch_size):
-                mb = data.minibatch(indices[start : start + batch_size], device)
-                terms, observed = score_minibatch(module, mb, data.n_obs)
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) - value.sum().item()
+                chunk = indices[start : start + batch_size]
+                mb = data.minibatch(chunk, device)  # sorted: put rows back in chunk's order
+                rows = start + np.argsort(chunk, kind="stable")
+                values, observed = score_minibatch(module, mb, data.n_obs)
+                for name, value in values.items():
+                    terms.setdefault(name, np.zeros(len(indices)))[rows] = (
+                        -value.double().cpu().numpy())
     finally:
         module.train(was_training)
-    n = max(len(indices), 1)
-    return {name: total / n for name, total in sums.items()}, observed | {"x", "y"}
+    return terms, observed | {"x", "y"}
+
+
+@torch.no_grad()
+def _negative_term_means(module, data: CiteData, indices: np.ndarray, batch_size: int):
+    terms, observed = cell_terms(module, data, indices, batch_size)
+    return {name: float(v.mean()) if len(v) else 0.0 for name, v in terms.items()}, observed
 
 
 def elbo_terms(module, data: CiteData, indices: np.ndarray,

@@ -13,10 +13,12 @@ learning-rate schedule and early stopping, and the checkpoint. Evaluation lives 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +88,18 @@ def make_elbo(module: TotalVIModule):
     return Trace_ELBO()
 
 
-def make_adam(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.Adam:
-    """Adam, fused where this torch has a fused Adam for the parameters' device (one kernel for
-    all parameters instead of a loop over 40 tensors: CUDA, and the CPU from torch 2.4 on), else
-    the multi-tensor ``foreach`` implementation."""
+def make_adam(params: list, optimizer: str = "Adam", **kwargs) -> torch.optim.Optimizer:
+    """Adam (or ``optimizer="AdamW"``, decoupled weight decay, as scvi-tools' choice), fused
+    where this torch has a fused kernel for the parameters' device (one kernel for all
+    parameters instead of a loop over 40 tensors: CUDA, and the CPU from torch 2.4 on), else the
+    multi-tensor ``foreach`` implementation."""
+    if optimizer not in ("Adam", "AdamW"):
+        raise ValueError(f"optimizer must be 'Adam' or 'AdamW', got {optimizer!r}")
+    cls = torch.optim.AdamW if optimizer == "AdamW" else torch.optim.Adam
     try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
+        return cls(params, fused=True, **kwargs)
     except RuntimeError:  # "`fused=True` requires all the params to be ... supported devices"
-        return torch.optim.Adam(params, foreach=True, **kwargs)
+        return cls(params, foreach=True, **kwargs)
 
 
 def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None,
@@ -130,16 +136,60 @@ def _batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | No
         yield chunk if world == 1 else ddp.shard(chunk, rank, world)
 
 
+#: Metrics that ``lr_scheduler_metric`` and ``early_stopping_monitor`` may name (scvi-tools').
+MONITORS = ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation")
+
+
+def _check_external_indexing(split, n_obs: int) -> tuple[np.ndarray, ...] | None:
+    """``external_indexing`` (train, validation[, test] indices) as three int arrays; raises
+    on indices out of range, overlapping sets or fewer than 2 training cells."""
+    if split is None:
+        return None
+    parts = list(split) + [[]] * (3 - len(split))
+    if len(parts) != 3:
+        raise ValueError("external_indexing must be [train, validation, test] indices "
+                         f"(validation and test may be empty); got {len(split)} arrays")
+    arrays = []
+    for name, part in zip(("train", "validation", "test"), parts):
+        a = np.asarray(part if part is not None else [])
+        a = np.flatnonzero(a) if a.dtype == bool else a.astype(np.int64).ravel()
+        if len(a) and (a.min() < 0 or a.max() >= n_obs or len(np.unique(a)) != len(a)):
+            raise ValueError(f"external_indexing {name} indices must be distinct cells in "
+                             f"[0, {n_obs})")
+        arrays.append(a)
+    for (i, a), (j, b) in ((x, y) for x in enumerate(arrays) for y in enumerate(arrays) if x < y):
+        if len(np.intersect1d(a, b)):
+            raise ValueError(f"external_indexing sets {i} and {j} share cells")
+    if len(arrays[0]) < 2:
+        raise TotalVIDataError("external_indexing must give at least 2 training cells")
+    return tuple(arrays)
+
+
+def _fingerprint(split) -> str | None:
+    if split is None:
+        return None
+    h = hashlib.blake2b(digest_size=8)
+    for a in split:
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
 @dataclass
 class TrainingPlan:
-    """Settings of a training run that change its trajectory (see :func:`train`)."""
+    """Settings of a training run that change its trajectory (see :func:`train`).
+
+    Besides :func:`train`'s arguments, with scvi-tools' names and defaults: ``optimizer``
+    (``"Adam"`` or ``"AdamW"``), ``lr_threshold`` and ``lr_min`` (of the plateau schedule),
+    ``lr_scheduler_metric`` and ``early_stopping_monitor`` (one of :data:`MONITORS`),
+    ``early_stopping_min_delta``, and ``min_kl_weight``, ``max_kl_weight`` (the warm-up's ends).
+    """
 
     seed: int = 0
     lr: float = 4e-3
     weight_decay: float = 1e-6
     eps: float = 0.01
     batch_size: int = 256
-    train_size: float = 0.9
+    train_size: float | None = 0.9
     early_stopping: bool = True
     early_stopping_patience: int = 45
     reduce_lr_on_plateau: bool = True
@@ -148,28 +198,86 @@ class TrainingPlan:
     n_steps_kl_warmup: int | None = None
     adversarial_classifier: bool = False
     world_size: int = 1
+    validation_size: float | None = None
+    shuffle_set_split: bool = True
+    #: fingerprint of ``external_indexing`` (the split itself is in the checkpoint)
+    external_split: str | None = None
+    check_val_every_n_epoch: int | None = 1
+    n_epochs_kl_warmup: int | None = None
+    max_kl_weight: float = 1.0
+    min_kl_weight: float = 0.0
+    optimizer: str = "Adam"
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+    early_stopping_monitor: str = "elbo_validation"
+    early_stopping_min_delta: float = 0.0
 
     def validate(self, n_obs: int) -> None:
-        """Raise on settings that cannot train ``n_obs`` cells; fill in the warm-up default."""
+        """Raise on settings that cannot train ``n_obs`` cells; fill in the defaults that
+        ``None`` stands for (train_size 0.9, a validation every epoch, the warm-up length)."""
+        self.train_size = 0.9 if self.train_size is None else self.train_size
+        self.check_val_every_n_epoch = self.check_val_every_n_epoch or 1
         if n_obs < 2:
             raise TotalVIDataError(
                 f"training needs at least 2 cells (BatchNorm normalises over a minibatch); the "
                 f"data has {n_obs}.")
         if not 0.0 < self.train_size <= 1.0:
             raise ValueError(f"train_size must be in (0, 1], got {self.train_size}")
+        if self.validation_size is not None and not (
+                0.0 <= self.validation_size < 1.0
+                and self.train_size + self.validation_size <= 1.0 + 1e-12):
+            raise ValueError(f"validation_size must be in [0, 1) with train_size + "
+                             f"validation_size <= 1, got {self.validation_size} (train_size "
+                             f"{self.train_size})")
         if int(self.batch_size) < 2:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}")
+        if int(self.check_val_every_n_epoch) < 1:
+            raise ValueError(f"check_val_every_n_epoch must be at least 1, got "
+                             f"{self.check_val_every_n_epoch}")
+        if self.optimizer not in ("Adam", "AdamW"):
+            raise ValueError(f"optimizer must be 'Adam' or 'AdamW', got {self.optimizer!r}")
+        for name in ("lr_scheduler_metric", "early_stopping_monitor"):
+            if getattr(self, name) not in MONITORS:
+                raise ValueError(f"{name} must be one of {MONITORS}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.min_kl_weight <= self.max_kl_weight or self.max_kl_weight <= 0:
+            raise ValueError(f"need 0 <= min_kl_weight <= max_kl_weight and max_kl_weight > 0, got "
+                             f"{self.min_kl_weight} and {self.max_kl_weight}")
         self.batch_size = int(self.batch_size)
+        self.check_val_every_n_epoch = int(self.check_val_every_n_epoch)
         self.lr, self.weight_decay, self.eps = map(float, (self.lr, self.weight_decay, self.eps))
         self.train_size, self.lr_factor = float(self.train_size), float(self.lr_factor)
         if self.n_steps_kl_warmup is None:
             self.n_steps_kl_warmup = int(0.75 * n_obs)
 
-    def kl_weight(self, step: int) -> float:
-        """Linear warm-up; Pyro's ``poutine.scale`` needs a weight > 0, so step 0 uses step 1's."""
-        if not self.n_steps_kl_warmup:
-            return 1.0
-        return min(1.0, max(step, 1) / self.n_steps_kl_warmup)
+    def kl_weight(self, step: int, epoch: int = 0) -> float:
+        """Linear warm-up from ``min_kl_weight`` to ``max_kl_weight`` over ``n_epochs_kl_warmup``
+        epochs if set, else over ``n_steps_kl_warmup`` steps (scvi-tools' rule). Pyro's
+        ``poutine.scale`` needs a weight > 0: where the schedule starts at 0, step 0 (epoch 0)
+        uses step 1's (epoch 1's) weight."""
+        top, low = self.max_kl_weight, self.min_kl_weight
+        if self.n_epochs_kl_warmup:
+            if epoch >= self.n_epochs_kl_warmup:
+                return top
+            position = (epoch if epoch or low else 1) / self.n_epochs_kl_warmup
+        elif self.n_steps_kl_warmup:
+            if step >= self.n_steps_kl_warmup:
+                return top
+            position = (step if step or low else 1) / self.n_steps_kl_warmup
+        else:
+            return top
+        return min(top, low + (top - low) * position)
+
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (from 0) ends with a validation (Lightning's cadence)."""
+        return (epoch + 1) % self.check_val_every_n_epoch == 0
+
+
+#: Settings added after checkpoints were first written, with the value those checkpoints used.
+_SETTINGS_BEFORE_16 = {k: v for k, v in asdict(TrainingPlan()).items() if k in (
+    "validation_size", "shuffle_set_split", "external_split", "check_val_every_n_epoch",
+    "n_epochs_kl_warmup", "max_kl_weight", "min_kl_weight", "optimizer", "lr_threshold", "lr_min",
+    "lr_scheduler_metric", "early_stopping_monitor", "early_stopping_min_delta")}
 
 
 class Trainer:
@@ -178,8 +286,11 @@ class Trainer:
     def __init__(self, module: TotalVIModule, data: CiteData, plan: TrainingPlan,
                  max_epochs: int | None = None, progress_bar: bool = True,
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-                 resume: bool = False, strategy: str | None = None):
+                 resume: bool = False, strategy: str | None = None,
+                 external_indexing: list | None = None):
         plan.validate(data.n_obs)
+        self.external = _check_external_indexing(external_indexing, data.n_obs)
+        plan.external_split = _fingerprint(self.external)
         if int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
         if resume and checkpoint_dir is None:
@@ -210,7 +321,7 @@ class Trainer:
         self._split()
         self._make_optimizer()
         self.history: list[dict] = []
-        self.best, self.best_epoch, self.step = math.inf, 0, 0
+        self.best, self.best_epoch, self.step, self.epoch = math.inf, 0, 0, 0
         self.start_epoch, self.stopped = 0, False
         self.last_good = self._snapshot()
         if self.checkpoint_dir is not None:
@@ -220,12 +331,31 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------
     def _split(self) -> None:
-        """Training / validation cells, and a fixed probe of training cells for ``elbo_train``."""
+        """Training / validation / test cells, and a fixed probe of training cells for
+        ``elbo_train``.
+
+        ``ceil(train_size * n)`` cells train and ``floor(validation_size * n)`` validate (the
+        rest when ``validation_size`` is ``None``), as scvi-tools' ``DataSplitter``; the
+        remaining cells are the test set. ``shuffle_set_split=False`` takes them in data order
+        (validation first, then training, then test, as scvi-tools).
+        """
         n, plan = self.data.n_obs, self.plan
-        perm = self.rng.permutation(n)
+        perm = self.rng.permutation(n)  # drawn either way: the probe's draw follows the same
         # At least 2 training cells (BatchNorm); tiny data sets give up validation first.
         n_train = n if plan.train_size >= 1.0 else max(2, min(n - 1, math.ceil(plan.train_size * n)))
-        self.train_idx, self.val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
+        n_val = (n - n_train if plan.validation_size is None
+                 else min(n - n_train, math.floor(plan.validation_size * n)))
+        if self.external is not None:
+            self.train_idx, self.val_idx, self.test_idx = (np.sort(a) for a in self.external)
+            n_train = len(self.train_idx)
+        elif plan.shuffle_set_split:
+            self.train_idx, self.val_idx, self.test_idx = (
+                np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_val]),
+                np.sort(perm[n_train + n_val:]))
+        else:
+            order = np.arange(n)
+            self.val_idx, self.train_idx, self.test_idx = (
+                order[:n_val], order[n_val:n_val + n_train], order[n_val + n_train:])
         # A fixed sample of training cells: elbo_train with the full KL weight, in eval mode as
         # the validation ELBO, at a small fraction of an epoch's cost.
         self.train_probe = np.sort(self.rng.choice(self.train_idx, min(n_train, PROBE_CELLS),
@@ -255,13 +385,16 @@ class Trainer:
         masked = {id(p) for p, _ in self.grad_masks}
         groups = [{"params": [p for p in self.params if id(p) not in masked]},
                   {"params": [p for p, _ in self.grad_masks], "weight_decay": 0.0}]
-        self.optimizer = make_adam([g for g in groups if g["params"]], lr=plan.lr,
-                                   weight_decay=plan.weight_decay, eps=plan.eps)
+        self.optimizer = make_adam([g for g in groups if g["params"]], plan.optimizer,
+                                   lr=plan.lr, weight_decay=plan.weight_decay, eps=plan.eps)
         self.scheduler = None
         if plan.reduce_lr_on_plateau and len(self.val_idx):
+            # The schedule steps at each validation; its patience counts epochs, as with a
+            # validation every epoch (lr_patience epochs = that many / k validations).
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode="min", factor=plan.lr_factor, patience=plan.lr_patience,
-                threshold=0.0, threshold_mode="abs")
+                self.optimizer, mode="min", factor=plan.lr_factor,
+                patience=math.ceil(plan.lr_patience / plan.check_val_every_n_epoch),
+                threshold=plan.lr_threshold, threshold_mode="abs", min_lr=plan.lr_min)
 
     def _make_adversary(self) -> None:
         """The adversarial batch classifier (see :mod:`pyro_totalvi.adversarial`)."""
@@ -296,6 +429,8 @@ class Trainer:
 
     def _resume(self) -> None:
         state = self._read_checkpoint()
+        # a checkpoint written before a setting existed was written with its default
+        state["settings"] = {**_SETTINGS_BEFORE_16, **state["settings"]}
         check_resumable(state, self.checkpoint_dir / CHECKPOINT_NAME, *self.fingerprints,
                         self._settings())
         self.module.load_state_dict(state["module"])
@@ -308,6 +443,7 @@ class Trainer:
         split = state["split"]
         self.train_idx, self.val_idx, self.train_probe = (
             split[k].numpy() for k in ("train", "validation", "train_probe"))
+        self.test_idx = split["test"].numpy() if "test" in split else np.zeros(0, np.int64)
         self.resumed_rng = state["rng"]  # set in run(): the global states only inside its scope
         self.resumed_adversary = state.get("adversary")
 
@@ -327,6 +463,7 @@ class Trainer:
             "adversary": None if self.adversary is None else self.adversary.state_dict(),
             "split": {"train": torch.from_numpy(self.train_idx),
                       "validation": torch.from_numpy(self.val_idx),
+                      "test": torch.from_numpy(self.test_idx),
                       "train_probe": torch.from_numpy(self.train_probe)},
         })
 
@@ -358,7 +495,7 @@ class Trainer:
 
     def _step(self, elbo, mb) -> torch.Tensor:
         """One SVI step on minibatch ``mb``; returns the per-cell loss (on the device)."""
-        n_train, kl_weight = len(self.train_idx), self.plan.kl_weight(self.step)
+        n_train, kl_weight = len(self.train_idx), self.plan.kl_weight(self.step, self.epoch)
         with watch_latent(self.adversary, kl_weight) as adversary:  # None: no adversary now
             loss = elbo.differentiable_loss(
                 self.module.model, self.module.guide, *mb.args(), **mb.kwargs(), idx=mb.idx,
@@ -371,6 +508,7 @@ class Trainer:
             # ELBO gradient (each process's plate scales by n_train / its cells), as DDP would.
             loss = ddp.all_reduce_gradients(self.params, loss)
         self._mask_gradients()
+        self._decay_masked()  # before the step, as AdamW decays (lr of this step)
         self.optimizer.step()
         if adversary is not None:
             adversary.classifier_step(mb.s, self.world)
@@ -379,10 +517,22 @@ class Trainer:
 
     def _mask_gradients(self) -> None:
         """Frozen entries of masked parameters get gradient 0 (``where``, so even a NaN there is
-        cleared); trainable ones get Adam's L2 term ``weight_decay * p`` (their group has none)."""
+        cleared); with Adam, trainable ones get its L2 term ``weight_decay * p`` (their group
+        has none; AdamW's decoupled decay is :meth:`_decay_masked`)."""
+        decay = self.plan.weight_decay if self.plan.optimizer == "Adam" else 0.0
         for p, mask in self.grad_masks:
             if p.grad is not None:
-                p.grad = torch.where(mask, p.grad + self.plan.weight_decay * p.detach(), 0.0)
+                p.grad = torch.where(mask, p.grad + decay * p.detach(), 0.0)
+
+    @torch.no_grad()
+    def _decay_masked(self) -> None:
+        """AdamW's decoupled weight decay ``p <- p (1 - lr wd)`` on the trainable entries of
+        masked parameters only (their group has none, so the frozen entries never move)."""
+        if self.plan.optimizer != "AdamW" or not self.plan.weight_decay or not self.grad_masks:
+            return
+        lr = self.optimizer.param_groups[-1]["lr"]
+        for p, mask in self.grad_masks:
+            p.mul_(torch.where(mask, 1.0 - lr * self.plan.weight_decay, 1.0))
 
     def _train_mode(self) -> None:
         """Training mode, except for modules the module lists in ``eval_during_training``
@@ -393,6 +543,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> torch.Tensor:
         """The SVI steps of one epoch; their losses (CPU), stopped early after a divergence."""
+        self.epoch = epoch  # for an epoch-wise KL warm-up
         if self.world > 1:
             # Per process and epoch: different draws on every process, and a resumed run
             # continues exactly (no torch RNG state of rank > 0 to checkpoint).
@@ -446,18 +597,26 @@ class Trainer:
             ddp.average_batchnorm_stats(self.module)  # eval mode must agree on every process
         # Cheap enough once per epoch; a divergence within an epoch rolls back to here.
         self.last_good = self._snapshot()
+        plan = self.plan
         row = {"epoch": epoch, "loss_train": losses.mean().item() if len(losses) else math.nan,
-               "kl_weight": self.plan.kl_weight(self.step - 1) if len(losses) else math.nan,
+               "kl_weight": plan.kl_weight(self.step - 1, epoch) if len(losses) else math.nan,
                "lr": self.optimizer.param_groups[0]["lr"]}
+        if not plan.validates(epoch):  # check_val_every_n_epoch > 1: no evaluation this epoch
+            self.history.append(row)
+            return row
         self._evaluate(row)
         self.history.append(row)
-        monitor = row.get("elbo_validation", row.get("elbo_train"))
+
+        def metric(name: str) -> float:  # the validation metric, or its training-probe value
+            return row.get(name, row.get(name.replace("_validation", "_train")))
+
         if self.scheduler is not None:
-            self.scheduler.step(monitor)
-        if monitor < self.best:
+            self.scheduler.step(metric(plan.lr_scheduler_metric))
+        monitor = metric(plan.early_stopping_monitor)
+        if monitor < self.best - plan.early_stopping_min_delta:
             self.best, self.best_epoch = monitor, epoch
-        elif (self.plan.early_stopping and len(self.val_idx)
-              and epoch - self.best_epoch >= self.plan.early_stopping_patience):
+        elif (plan.early_stopping and len(self.val_idx)
+              and epoch - self.best_epoch >= plan.early_stopping_patience):
             self.stopped = True
         return row
 
@@ -479,7 +638,7 @@ class Trainer:
         self.module.eval()
         frame = pd.DataFrame(self.history)
         frame = frame.set_index("epoch") if len(frame) else frame.rename_axis("epoch")
-        return frame, {"train": self.train_idx, "validation": self.val_idx}
+        return frame, {"train": self.train_idx, "validation": self.val_idx, "test": self.test_idx}
 
     def _run(self) -> None:
         epochs = range(self.start_epoch, self.max_epochs) if not self.stopped else range(0)
@@ -502,11 +661,21 @@ class Trainer:
     def _warn_unfinished_warmup(self) -> None:
         """A run that ends during the KL warm-up fitted a down-weighted prior: say so, and how
         to finish it."""
-        n_warmup = self.plan.n_steps_kl_warmup
-        weight = self.plan.kl_weight(self.step - 1)
-        if not self.step or weight >= 1.0 or self.rank != 0:
+        plan = self.plan
+        weight = plan.kl_weight(self.step - 1, self.epoch)
+        if not self.step or weight >= plan.max_kl_weight or self.rank != 0:
             return
-        per_epoch = max(1, math.ceil(len(self.train_idx) / (self.plan.batch_size * self.world)))
+        if plan.n_epochs_kl_warmup:  # the weight of epoch e (from 0) is e / n_epochs_kl_warmup
+            n_warmup, epochs = plan.n_epochs_kl_warmup, self.epoch + 1
+            logger.warning(
+                "training ended during the KL warm-up (KL weight %.2f after %d of "
+                "n_epochs_kl_warmup=%d epochs): the model is not yet fitted to the full ELBO. "
+                "Train for at least %d epochs (max_epochs), or shorten the warm-up to the epochs "
+                "this run took (n_epochs_kl_warmup=%d or fewer).",
+                weight, epochs, n_warmup, n_warmup + 1, max(1, epochs - 1))
+            return
+        n_warmup = plan.n_steps_kl_warmup
+        per_epoch = max(1, math.ceil(len(self.train_idx) / (plan.batch_size * self.world)))
         logger.warning(
             "training ended during the KL warm-up (KL weight %.2f after %d of "
             "n_steps_kl_warmup=%d steps): the model is not yet fitted to the full ELBO. Train "
@@ -524,7 +693,7 @@ def train(
     weight_decay: float = 1e-6,
     eps: float = 0.01,
     batch_size: int = 256,
-    train_size: float = 0.9,
+    train_size: float | None = 0.9,
     early_stopping: bool = True,
     early_stopping_patience: int = 45,
     reduce_lr_on_plateau: bool = True,
@@ -538,64 +707,61 @@ def train(
     checkpoint_every: int = 10,
     resume: bool = False,
     strategy: str | None = None,
+    external_indexing: list | None = None,
+    **plan_settings,
 ) -> tuple[pd.DataFrame, dict]:
-    """Train ``module`` on ``data`` by minibatch SVI, on the device that holds ``module``.
-
-    Minibatches are cut from ``data`` on the CPU and moved to that device step by step; move the
-    module first (``module.to("cuda")``, or ``TOTALVI.train(accelerator=...)``).
+    """Train ``module`` on ``data`` by minibatch SVI, on the device that holds ``module`` (move
+    it first); minibatches are cut from ``data`` on the CPU and moved there step by step.
 
     Parameters
     ----------
-    max_epochs
-        Default :func:`default_max_epochs`.
-    lr, weight_decay, eps
-        Adam settings (scvi-tools' TOTALVI defaults).
-    batch_size, train_size
-        Minibatch size (at least 2: BatchNorm) and the fraction of cells used for training (the
-        rest validate). At least 2 cells always train; with 2 cells, none validate.
-    early_stopping, early_stopping_patience
-        Stop when the validation ELBO has not improved for this many epochs.
-    reduce_lr_on_plateau, lr_patience, lr_factor
-        Multiply the learning rate by ``lr_factor`` after ``lr_patience`` epochs without
-        improvement of the validation ELBO.
-    n_steps_kl_warmup
-        Linear KL warm-up on ``z`` and ``beta`` over this many steps; default ``0.75 * n_cells``.
+    max_epochs, lr, weight_decay, eps
+        Default :func:`default_max_epochs`; Adam settings (scvi-tools' TOTALVI defaults).
+    batch_size, train_size, validation_size, shuffle_set_split, external_indexing
+        Minibatch size (at least 2: BatchNorm) and the split (:meth:`Trainer._split`;
+        ``train_size=None``: 0.9; ``external_indexing``: ``[train, validation, test]``).
+    early_stopping, early_stopping_patience, reduce_lr_on_plateau, lr_patience, lr_factor
+        Stop when the validation ELBO has not improved for ``early_stopping_patience`` epochs;
+        multiply the learning rate by ``lr_factor`` after ``lr_patience`` such epochs.
+    check_val_every_n_epoch
+        Evaluate the validation (and training-probe) ELBO every this many epochs (default 1);
+        the schedule and early stopping act then, their patience still counted in epochs; other
+        epochs' history rows have NaN ELBOs.
+    n_steps_kl_warmup, n_epochs_kl_warmup
+        Linear KL warm-up on ``z``, ``beta`` (and, with ``protein_warmup``, the proteins) over
+        this many steps (default ``0.75 * n_cells``) or, taking precedence, epochs.
     adversarial_classifier
         Train an adversarial batch classifier on ``z`` during the KL warm-up, as scvi-tools
         (:mod:`pyro_totalvi.adversarial`); needs at least 2 batches.
     seed
-        Seeds the split, the minibatch order and every draw: same seed, same result.
-    checkpoint_dir, checkpoint_every
-        Every ``checkpoint_every`` epochs and at the end, atomically write
-        ``checkpoint_dir/checkpoint.pt`` (replacing the previous one): parameters, optimiser and
-        scheduler state, epoch and step, all RNG states, history, split and early-stopping state.
-        Without ``resume``, the run starts afresh and replaces any checkpoint there.
-    resume
-        Continue from the checkpoint in ``checkpoint_dir`` (the same ``module`` architecture,
-        ``data`` and settings; ``max_epochs`` may differ). A run interrupted after ``k`` epochs
-        and resumed ends exactly as the uninterrupted run. Raises ``FileNotFoundError`` without a
-        checkpoint, :class:`~pyro_totalvi.TotalVIDataError` for other data and ``ValueError``
-        for another model or other settings.
+        Seeds the split, the minibatch order and every draw.
+    checkpoint_dir, checkpoint_every, resume
+        Every ``checkpoint_every`` epochs and at the end, atomically replace
+        ``checkpoint_dir/checkpoint.pt`` (parameters, optimiser, scheduler, RNG states, history,
+        split, ...). ``resume`` continues from it (same architecture, data and settings) and
+        ends exactly as the uninterrupted run; ``FileNotFoundError`` without a checkpoint.
     strategy
-        ``None`` or ``"single"``: this process alone. ``"ddp"``: data-parallel over the processes
-        of a ``torch.distributed`` group (see :mod:`pyro_totalvi.distributed` and README,
-        "Training on several GPUs or machines"): every process calls ``train`` with the same
-        data, model and arguments; ``batch_size`` is per process; processes hold the same
-        parameters and history and stop at the same epoch; only rank 0 writes checkpoints.
+        ``None``/``"single"``: this process alone. ``"ddp"``: data-parallel over a
+        ``torch.distributed`` group (README, "Training on several GPUs or machines"): every
+        process calls ``train`` alike; ``batch_size`` is per process; only rank 0 checkpoints.
+    **plan_settings
+        ``validation_size``, ``n_epochs_kl_warmup``, the other :class:`TrainingPlan` fields.
 
     Returns
     -------
     history
-        One row per epoch: ``elbo_train``, ``elbo_validation``, ``reconstruction_loss_*``,
-        ``kl_local_*`` (per cell, full KL weight), ``loss_train`` (the optimised objective with
-        the warm-up weight), ``kl_weight`` and ``lr``; with empty droplets,
-        ``elbo_droplets`` (negative ELBO per droplet, their own terms of the objective). After
-        ``resume``, the checkpointed epochs come first.
+        A row per epoch: ``elbo_*``, ``reconstruction_loss_*``, ``kl_local_*`` (per cell, full
+        KL weight), ``loss_train`` (the optimised, warmed-up objective), ``kl_weight``, ``lr``;
+        with empty droplets, ``elbo_droplets`` (negative ELBO per droplet, their own terms of
+        the objective); after ``resume``, the checkpointed epochs first.
     split
-        ``{"train": indices, "validation": indices}``.
+        ``{"train": indices, "validation": indices, "test": indices}``.
     """
-    plan = TrainingPlan(seed, lr, weight_decay, eps, batch_size, train_size, early_stopping,
-                        early_stopping_patience, reduce_lr_on_plateau, lr_patience, lr_factor,
-                        n_steps_kl_warmup, bool(adversarial_classifier))
+    fields = {f.name for f in dataclass_fields(TrainingPlan)} - {"world_size", "external_split"}
+    unknown = sorted(set(plan_settings) - fields)
+    if unknown:
+        raise TypeError(f"train() got unexpected settings {unknown}; accepted: {sorted(fields)}")
+    named = {k: v for k, v in locals().items() if k in fields}  # this function's arguments
+    plan = TrainingPlan(**named, **plan_settings)
     return Trainer(module, data, plan, max_epochs, progress_bar, checkpoint_dir,
-                   checkpoint_every, resume, strategy).run()
+                   checkpoint_every, resume, strategy, external_indexing).run()

@@ -57,7 +57,7 @@ def test_every_query_runs_on_the_gpu(adata):
     rna, pro = m.get_normalized_expression(n_samples=3, transform_batch="batch_0")
     assert isinstance(rna, pd.DataFrame) and np.isfinite(rna.to_numpy()).all()
     assert np.isfinite(m.get_protein_foreground_probability(n_samples=2).to_numpy()).all()
-    x, y = m.posterior_predictive_sample(n_samples=2)
+    x = m.posterior_predictive_sample(n_samples=2)["rna"]
     assert x.shape == (adata.n_obs, adata.n_vars, 2) and (x >= 0).all()
     de = m.differential_expression(groupby="group", group1="group_0", n_samples=200)
     assert np.isfinite(de["lfc_mean"]).all()

@@ -42,7 +42,7 @@ def test_normalized_expression_shapes_and_options(fitted):
     r, p = fitted.get_normalized_expression(gene_list=["gene_3", "gene_0"],
                                             protein_list=["protein_2"], n_samples=4,
                                             return_mean=False)
-    assert r.shape == (4, 1500, 2) and p.shape == (4, 1500, 1)
+    assert r.shape == (1500, 2, 4) and p.shape == (1500, 1, 4)  # (cells, features, draws)
     with pytest.raises(KeyError, match="gene_x"):
         fitted.get_normalized_expression(gene_list=["gene_x"])
 
@@ -83,8 +83,8 @@ def test_indices_order_and_running_mean(fitted):
     mean, _ = fitted.get_normalized_expression(indices=idx, n_samples=40, return_numpy=True)
     torch.manual_seed(5)
     draws, _ = fitted.get_normalized_expression(indices=idx, n_samples=40, return_mean=False)
-    np.testing.assert_allclose(mean, draws.mean(0), rtol=1e-4)
-    assert draws.std(0).max() > 0  # and the draws do differ
+    np.testing.assert_allclose(mean, draws.mean(-1), rtol=1e-4)  # draws: (cells, genes, 40)
+    assert draws.std(-1).max() > 0  # and the draws do differ
 
 
 def test_transform_batch_counterfactual(fitted):
@@ -131,8 +131,11 @@ def test_differential_expression_finds_planted_features(fitted):
     fg = a.uns["true_group_foreground"]
     true_protein = fg[0] != fg[1]
     assert true_gene.any() and true_protein.any() and not true_protein.all()
-    assert roc_auc_score(true_gene, de.loc[~de.is_protein, "proba_de"]) >= 0.9
-    assert roc_auc_score(true_protein, de.loc[de.is_protein, "proba_de"]) >= 0.9
+    genes = list(a.var_names)
+    proteins = [f"{p}_protein" for p in fitted.registry["protein_names"]]
+    assert set(de.index[de.is_protein]) == set(proteins)
+    assert roc_auc_score(true_gene, de.loc[genes, "proba_de"]) >= 0.9
+    assert roc_auc_score(true_protein, de.loc[proteins, "proba_de"]) >= 0.9
     # two random halves of one group: about fdr_target of features or fewer are called DE
     cells = np.flatnonzero(a.obs["group"] == "group_0")
     np.random.default_rng(0).shuffle(cells)
@@ -168,7 +171,8 @@ def test_posterior_predictive_check(fitted):
     of 0.04 (about 3 SDs) and a correlation of replicated vs observed log means above 0.98.
     """
     a = fitted.adata
-    x_rep, y_rep = fitted.posterior_predictive_sample(n_samples=3)
+    replicated = fitted.posterior_predictive_sample(n_samples=3)
+    x_rep, y_rep = replicated["rna"], replicated["protein"]
     assert x_rep.shape == (1500, 200, 3) and y_rep.shape == (1500, 15, 3)
     X = a.X.toarray()
     Y = a.obsm["protein_expression"].to_numpy()
@@ -176,7 +180,8 @@ def test_posterior_predictive_check(fitted):
     assert np.abs((x_rep == 0).mean((0, 2)) - (X == 0).mean(0)).mean() < 0.04
     # 15 proteins with heavy-tailed mixture draws: a looser bound
     assert np.corrcoef(np.log1p(y_rep.mean((0, 2))), np.log1p(Y.mean(0)))[0, 1] > 0.9
-    one_x, one_y = fitted.posterior_predictive_sample(indices=[5, 9], gene_list=["gene_1"])
+    one = fitted.posterior_predictive_sample(indices=[5, 9], gene_list=["gene_1"])
+    one_x, one_y = one["rna"], one["protein"]
     assert one_x.shape == (2, 1) and one_y.shape == (2, 15)
 
 
@@ -187,7 +192,7 @@ def test_marginal_ll_above_elbo_and_other_quantities(fitted):
     assert elbo < 0 and elbo == pytest.approx(-fitted.history['elbo_validation'].iloc[-1], rel=0.2)
     assert mll >= elbo
     assert mll < 0 and np.isfinite(mll)
-    assert fitted.get_reconstruction_error(indices=idx) > 0
+    assert all(v > 0 for v in fitted.get_reconstruction_error(indices=idx).values())
     lib = fitted.get_latent_library_size(indices=idx)
     np.testing.assert_allclose(lib.ravel(), np.asarray(fitted.adata.X[:150].sum(1)).ravel(),
                                rtol=1e-4)

@@ -60,6 +60,13 @@ def _elbo(model, adata):
     return model.get_elbo(adata)
 
 
+def _same_elbo(a: float, b: float) -> bool:
+    """Equal up to float32 rounding: get_elbo sums per-cell terms in float64, and the query's
+    networks have extra (zero-weight) input columns, which may move a float32 decoder output
+    by one unit in the last place."""
+    return a == pytest.approx(b, rel=1e-7, abs=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the surgery
 def test_surgery_keeps_the_reference_exactly(cells, reference):
@@ -74,14 +81,15 @@ def test_surgery_keeps_the_reference_exactly(cells, reference):
     assert not q.is_trained and q.module.n_batches == 3 and q.module.n_covariates == 3
     np.testing.assert_array_equal(q.get_latent_representation(ref),
                                   model.get_latent_representation(ref))
-    assert _elbo(q, ref) == _elbo(model, ref)
+    assert _same_elbo(_elbo(q, ref), _elbo(model, ref))
     q.train(max_epochs=4, batch_size=64, progress_bar=False)  # default weight_decay 1e-6
-    assert _elbo(q, ref) == _elbo(model, ref)
+    assert _same_elbo(_elbo(q, ref), _elbo(model, ref))
     for name, value in model.module.state_dict().items():  # the reference model is untouched
         assert torch.equal(value, ref_state[name]), name
 
 
-def test_frozen_entries_unchanged_bit_for_bit_new_ones_trained(cells, reference):
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW"])  # coupled and decoupled weight decay
+def test_frozen_entries_unchanged_bit_for_bit_new_ones_trained(cells, reference, optimizer):
     model, _ = reference
     ref_state = model.module.state_dict()
     q = TOTALVI.load_query_data(_query(cells), model, freeze_batchnorm_decoder=True)
@@ -93,7 +101,8 @@ def test_frozen_entries_unchanged_bit_for_bit_new_ones_trained(cells, reference)
     assert masks[w].sum(0).nonzero().ravel().tolist() == [4 + 2, 4 + 5]  # batch_2, donor d2
     assert masks["background_c"].sum(0).tolist() == [0, 0, 8]
     assert q.module.log_theta.requires_grad is False
-    q.train(max_epochs=4, batch_size=64, progress_bar=False, plan_kwargs=dict(weight_decay=0.1))
+    q.train(max_epochs=4, batch_size=64, progress_bar=False,
+            plan_kwargs=dict(weight_decay=0.1, optimizer=optimizer))
     end = q.module.state_dict()
     for name, value in ref_state.items():
         if name in masks:
@@ -359,8 +368,9 @@ def test_untrained_reference_and_nothing_to_train(cells, reference, tmp_path):
         TOTALVI.load_query_data(same_batches, model, freeze_batchnorm_decoder=True)
     with pytest.raises(TypeError, match="reference_model must be"):
         TOTALVI.load_query_data(same_batches, ref)
-    with pytest.raises(ValueError, match="plan_kwargs"):
-        model.train(max_epochs=1, plan_kwargs=dict(optimizer="AdamW"))
+    # AdamW is a plan setting since the scvi-tools parity merge; an unknown one still raises
+    with pytest.raises(TypeError, match="plan_kwargs"):
+        model.train(max_epochs=1, plan_kwargs=dict(optimiser="AdamW"))
 
 
 def test_registry_is_the_only_change_to_the_query(cells, reference):
