@@ -260,8 +260,12 @@ def test_eccite_isotypes_are_background(eccite):
 
 @pytest.mark.slow
 def test_eccite_denoising_agrees_across_clones(eccite):
+    """Two antibody clones of PD-1: their denoised expression (background included) agrees more
+    than their raw counts. The foreground part alone no longer does under the default background
+    model (Spearman 0.35 against raw 0.42; 0.41 with the published model): PD-1 is background in
+    most of these 500 PBMCs, so its foreground part is near zero and its ranks are noise."""
     pro = eccite.adata.obsm["protein_expression"]
-    _, den = eccite.get_normalized_expression(n_samples=10)
+    _, den = eccite.get_normalized_expression(n_samples=10, include_protein_background=True)
     a, b = "PD-1 (CD279)", "PD1 (CD279)"
     raw = spearmanr(pro[a], pro[b])[0]
     denoised = spearmanr(den[a], den[b])[0]
