@@ -38,6 +38,7 @@ def _gradients(module, mb, adversary, kl_weight=0.3):
                          if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_fool_loss_reaches_the_encoder_of_z_only(adata):
     """The adversarial term is outside the Pyro program: the SVI loss is the same, and of all
     the model's parameters only q(z)'s encoder gets a different gradient (through z)."""

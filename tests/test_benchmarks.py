@@ -17,6 +17,7 @@ from .conftest import shared_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_compare_scvi_small_runs_our_side(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
