@@ -192,36 +192,28 @@ def test_train_and_de_leave_the_global_generators_alone(adata):
     pd.testing.assert_frame_equal(runs[0][1], runs[1][1], check_exact=True)
 
 
-def test_warning_when_training_ends_during_the_kl_warmup(adata, caplog):
-    m = TOTALVI(adata, n_latent=5, n_hidden=32)
-    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
-        m.train(max_epochs=2, seed=0, progress_bar=False)  # 2 x 3 steps of 450
-    (record,) = [r for r in caplog.records if "KL warm-up" in r.getMessage()]
-    text = record.getMessage()
-    assert record.levelno == logging.WARNING
-    assert "KL weight 0.01 after 6 of n_steps_kl_warmup=450 steps" in text, text
-    assert "at least 150 epochs" in text and "n_steps_kl_warmup=5 or fewer" in text
+def _warmup_warnings(adata, caplog, **train_kwargs) -> list[str]:
+    """The KL warm-up warnings of one short training run."""
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
-        TOTALVI(adata, n_latent=5, n_hidden=32).train(max_epochs=2, seed=0, progress_bar=False,
-                                                     n_steps_kl_warmup=5)
-    assert not [r for r in caplog.records if "KL warm-up" in r.getMessage()]
+        TOTALVI(adata, n_latent=5, n_hidden=32).train(seed=0, progress_bar=False, **train_kwargs)
+    return [r.getMessage() for r in caplog.records
+            if "KL warm-up" in r.getMessage() and r.levelno == logging.WARNING]
+
+
+def test_warning_when_training_ends_during_the_kl_warmup(adata, caplog):
+    (text,) = _warmup_warnings(adata, caplog, max_epochs=2)  # 2 x 3 steps of 450
+    assert "KL weight 0.01 after 6 of n_steps_kl_warmup=450 steps" in text, text
+    assert "at least 150 epochs" in text and "n_steps_kl_warmup=5 or fewer" in text
+    assert not _warmup_warnings(adata, caplog, max_epochs=2, n_steps_kl_warmup=5)
 
 
 def test_warning_names_the_epochs_of_an_epoch_wise_kl_warmup(adata, caplog):
-    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
-        TOTALVI(adata, n_latent=5, n_hidden=32).train(max_epochs=3, seed=0, progress_bar=False,
-                                                     n_epochs_kl_warmup=10)
-    (record,) = [r for r in caplog.records if "KL warm-up" in r.getMessage()]
-    text = record.getMessage()
+    (text,) = _warmup_warnings(adata, caplog, max_epochs=3, n_epochs_kl_warmup=10)
     # epoch e (from 0) has weight e / 10 (epoch 0 borrows epoch 1's): 0.2 after 3 epochs
     assert "KL weight 0.20 after 3 of n_epochs_kl_warmup=10 epochs" in text, text
     assert "at least 11 epochs" in text and "n_epochs_kl_warmup=2 or fewer" in text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pyro_totalvi"):
-        TOTALVI(adata, n_latent=5, n_hidden=32).train(max_epochs=3, seed=0, progress_bar=False,
-                                                     n_epochs_kl_warmup=2)
-    assert not [r for r in caplog.records if "KL warm-up" in r.getMessage()]
+    assert not _warmup_warnings(adata, caplog, max_epochs=3, n_epochs_kl_warmup=2)
 
 
 def test_load_leaves_the_users_registration_alone(trained, tmp_path):
