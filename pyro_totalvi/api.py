@@ -43,9 +43,6 @@ __all__ = ["TOTALVI"]
 
 logger = logging.getLogger("pyro_totalvi")
 
-FORMAT_VERSION = MODEL_FORMAT_VERSION
-
-
 
 class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
     """totalVI on AnnData: register with :meth:`setup_anndata`, then ``TOTALVI(adata).train()``.
@@ -575,7 +572,7 @@ continuous_covariate_keys, protein_mask
                                   + "; pass overwrite=True or another directory")
         path.mkdir(parents=True, exist_ok=True)
         settings = {
-            "format_version": FORMAT_VERSION,
+            "format_version": MODEL_FORMAT_VERSION,
             "model_class": type(self).__name__,
             "init_params": self.init_params,
             "registry": _jsonable(self.registry),

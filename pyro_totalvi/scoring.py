@@ -23,6 +23,7 @@ the plate. Empty droplets are not cells: their terms are scored on their own pla
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import numpy as np
@@ -150,6 +151,20 @@ def score_minibatch(module, mb, n_obs: int, kl: Literal["analytic", "sample"] = 
     return trace_terms(model_tr, guide_tr, kl), observed
 
 
+@contextlib.contextmanager
+def _scoring_mode(module):
+    """Networks in eval mode and Pyro validation off (:meth:`TotalVIModule.fast_calls`; as in
+    training steps, it would reject the non-integer counts that setup_anndata accepts with a
+    warning), the training mode restored afterwards; yields the module's device."""
+    was_training = module.training
+    module.eval()
+    try:
+        with module.fast_calls():
+            yield module_device(module)
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def cell_terms(module, data: CiteData, indices: np.ndarray, batch_size: int = 1024
                ) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -163,26 +178,18 @@ def cell_terms(module, data: CiteData, indices: np.ndarray, batch_size: int = 10
     ``"beta"``: KL of q from the prior; ``"l"`` is 0 with an observed library), and
     ``observed`` names the observed sites among them.
     """
-    was_training = module.training
-    module.eval()
-    device = module_device(module)
     indices = np.asarray(indices, dtype=np.int64)
     terms = {name: np.zeros(len(indices)) for name in ("x", "y", "z", "l", "beta")}
     observed = set()
-    # No Pyro validation, as in training steps: it would reject the non-integer counts that
-    # setup_anndata accepts with a warning (the NB log density is defined for them).
-    try:
-        with module.fast_calls():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                mb = data.minibatch(chunk, device)  # sorted: put rows back in chunk's order
-                rows = start + np.argsort(chunk, kind="stable")
-                values, observed = score_minibatch(module, mb, data.n_obs)
-                for name, value in values.items():
-                    terms.setdefault(name, np.zeros(len(indices)))[rows] = (
-                        -value.double().cpu().numpy())
-    finally:
-        module.train(was_training)
+    with _scoring_mode(module) as device:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            mb = data.minibatch(chunk, device)  # sorted: put rows back in chunk's order
+            rows = start + np.argsort(chunk, kind="stable")
+            values, observed = score_minibatch(module, mb, data.n_obs)
+            for name, value in values.items():
+                terms.setdefault(name, np.zeros(len(indices)))[rows] = (
+                    -value.double().cpu().numpy())
     return terms, observed | {"x", "y"}
 
 
@@ -219,27 +226,21 @@ def protein_terms(module, data: CiteData, indices: np.ndarray,
     With a per-cell background shift, ``"background_scale"`` ``(1,)`` is its -KL, a term that
     all proteins of a cell share.
     """
-    was_training = module.training
-    module.eval()
-    device = module_device(module)
     sums = {"y": 0.0, "beta": 0.0}
-    try:
-        with module.fast_calls(), module.v_summed_out():
-            for start in range(0, len(indices), batch_size):
-                mb = data.minibatch(indices[start : start + batch_size], device)
-                args, kwargs = mb.args(), dict(mb.kwargs(), idx=mb.idx, n_obs=data.n_obs)
-                guide_tr = poutine.trace(module.guide).get_trace(*args, **kwargs)
-                model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
-                    *args, **kwargs)
-                sums["y"] = sums["y"] + site_log_prob(model_tr.nodes["y"]).sum(0)
-                sums["beta"] = sums["beta"] + _latent_term(
-                    model_tr.nodes["beta"], guide_tr.nodes["beta"], "analytic").sum(0)
-                if "background_scale" in model_tr.nodes:  # shared by all proteins of a cell
-                    sums["background_scale"] = sums.get("background_scale", 0.0) + _latent_term(
-                        model_tr.nodes["background_scale"], guide_tr.nodes["background_scale"],
-                        "analytic").sum().reshape(1)
-    finally:
-        module.train(was_training)
+    with _scoring_mode(module) as device, module.v_summed_out():
+        for start in range(0, len(indices), batch_size):
+            mb = data.minibatch(indices[start : start + batch_size], device)
+            args, kwargs = mb.args(), dict(mb.kwargs(), idx=mb.idx, n_obs=data.n_obs)
+            guide_tr = poutine.trace(module.guide).get_trace(*args, **kwargs)
+            model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(
+                *args, **kwargs)
+            sums["y"] = sums["y"] + site_log_prob(model_tr.nodes["y"]).sum(0)
+            sums["beta"] = sums["beta"] + _latent_term(
+                model_tr.nodes["beta"], guide_tr.nodes["beta"], "analytic").sum(0)
+            if "background_scale" in model_tr.nodes:  # shared by all proteins of a cell
+                sums["background_scale"] = sums.get("background_scale", 0.0) + _latent_term(
+                    model_tr.nodes["background_scale"], guide_tr.nodes["background_scale"],
+                    "analytic").sum().reshape(1)
     n = max(len(indices), 1)
     return {k: (v / n).cpu().numpy() for k, v in sums.items()}
 
@@ -250,22 +251,16 @@ def droplet_elbo(module, droplets, batch_size: int = 1024) -> float:
     training objective, ``droplet_y`` and the KL of ``droplet_beta``, from :func:`trace_terms`
     on the ``"droplets"`` plate. Reported apart from the cells' per-cell ELBO (module docstring
     of :mod:`pyro_totalvi.model`)."""
-    was_training = module.training
-    module.eval()
-    device = module_device(module)
     total = 0.0
-    try:
-        with module.fast_calls():
-            for start in range(0, droplets.n_obs, batch_size):
-                batch = droplets.minibatch(np.arange(start, min(start + batch_size,
-                                                                droplets.n_obs)), device)
-                guide_tr = poutine.trace(module.droplet_guide).get_trace(batch)
-                model_tr = poutine.trace(poutine.replay(module.droplet_model, trace=guide_tr)
-                                         ).get_trace(batch)
-                terms = trace_terms(model_tr, guide_tr, plate="droplets")
-                total -= sum(v.sum().item() for v in terms.values())
-    finally:
-        module.train(was_training)
+    with _scoring_mode(module) as device:
+        for start in range(0, droplets.n_obs, batch_size):
+            batch = droplets.minibatch(np.arange(start, min(start + batch_size, droplets.n_obs)),
+                                       device)
+            guide_tr = poutine.trace(module.droplet_guide).get_trace(batch)
+            model_tr = poutine.trace(poutine.replay(module.droplet_model, trace=guide_tr)
+                                     ).get_trace(batch)
+            terms = trace_terms(model_tr, guide_tr, plate="droplets")
+            total -= sum(v.sum().item() for v in terms.values())
     return total / max(droplets.n_obs, 1)
 
 
