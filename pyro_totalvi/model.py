@@ -470,10 +470,11 @@ class TotalVIModule(nn.Module):
         return dist.Normal(s.new_zeros(s.shape[:-1] + (1,)), 1.0)
 
     def droplet_background_prior(self, s: torch.Tensor) -> dist.Distribution:
-        """Eq. (11c): an empty droplet's ambient level, LogNormal(c_t^T s + e^T s, d_t^T s)."""
+        """Eq. (11c): an empty droplet's ambient level, LogNormal(c_t^T s + e^T s, d_t^T s):
+        :meth:`background_prior` (no per-cell shift) moved by the droplets' log ratio ``e``."""
+        cells = self.background_prior(s)
         offset = (s @ self.droplet_log_offset).unsqueeze(-1)
-        return dist.LogNormal(s @ self.background_c.T + offset,
-                              (s @ self.background_log_d.T).exp())
+        return dist.LogNormal(cells.loc + offset, cells.scale)
 
     def protein_likelihood(self, beta: torch.Tensor, alpha: torch.Tensor,
                            pi_logits: torch.Tensor, v: torch.Tensor | None = None
