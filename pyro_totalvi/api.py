@@ -467,7 +467,8 @@ continuous_covariate_keys, protein_mask
         (:meth:`scvi_adversarial_rule`): on two real data sets with hidden proteins it lowered
         their imputation (``benchmarks/adversarial.py``, README "Adversarial batch classifier").
         """
-        defaults = {k: p.default for k, p in inspect.signature(TOTALVI.train).parameters.items()
+        defaults = {k: p.default for cls in (TOTALVI, type(self))  # a subclass's own defaults
+                    for k, p in inspect.signature(cls.train).parameters.items()
                     if p.default is not inspect.Parameter.empty}
         args = dict(max_epochs=max_epochs, lr=lr, train_size=train_size,
                     validation_size=validation_size, shuffle_set_split=shuffle_set_split,

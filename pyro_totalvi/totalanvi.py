@@ -199,9 +199,11 @@ class TOTALANVI(TOTALVI):
 
     # ------------------------------------------------------------------------------------------
     def train(self, max_epochs: int | None = None, classification_ratio: float = 50.0,
+              lr: float = 1e-3, batch_size: int = 128, early_stopping: bool = False,
+              reduce_lr_on_plateau: bool = False, n_epochs_kl_warmup: int | None = 400,
               **kwargs) -> TOTALANVI:
         """Train as :meth:`TOTALVI.train <pyro_totalvi.TOTALVI.train>` (same arguments), with the
-        classification factor on the labelled cells.
+        classification factor on the labelled cells, and scvi-tools' TOTALANVI defaults.
 
         Parameters
         ----------
@@ -213,13 +215,24 @@ class TOTALANVI(TOTALVI):
             the mean log q(label | x, y) of the labelled cells (scvi-tools' default 50): each
             labelled cell's factor is weighted by ``classification_ratio * n_cells /
             n_labelled``. 0 trains on the ELBO alone. Not part of any reported likelihood.
+        lr, batch_size, early_stopping, reduce_lr_on_plateau, n_epochs_kl_warmup
+            scvi-tools 1.4.2's TOTALANVI defaults (its semi-supervised training plan: Adam at
+            1e-3, a KL warm-up over 400 epochs, which takes precedence over
+            ``n_steps_kl_warmup`` unless set to ``None``; minibatches of 128, no early stopping,
+            no learning-rate schedule), not TOTALVI's. ``plan_kwargs`` may override them.
+            After :meth:`from_totalvi_model` the warm-up restarts from 0 as in scvi-tools, so
+            the few fine-tuning epochs run at a small KL weight (measured: keeping the weight at
+            1 there lowered the label-transfer accuracy of ``benchmarks/labels.py``).
         """
         n_labelled = int((self.data.extras["labels"] >= 0).sum())
         self.module.classification_weight = (
             float(classification_ratio) * self.data.n_obs / n_labelled if n_labelled else 0.0)
         if max_epochs is None and self.was_pretrained:
             max_epochs = int(min(10, max(2, round(default_max_epochs(self.data.n_obs) / 3))))
-        return super().train(max_epochs, **kwargs)
+        return super().train(max_epochs, lr=lr, batch_size=batch_size,
+                             early_stopping=early_stopping,
+                             reduce_lr_on_plateau=reduce_lr_on_plateau,
+                             n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
 
     @torch.no_grad()
     def predict(self, adata: AnnData | None = None, indices=None, soft: bool = False,

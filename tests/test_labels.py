@@ -217,6 +217,7 @@ def test_from_totalvi_model_starts_from_its_weights(sim_adata):
     assert totalvi.registry.get("extras") is None  # the TOTALVI's own registry is unchanged
     anvi.train(seed=0, progress_bar=False, max_epochs=1)
     assert anvi.history.shape[0] == 1
+    assert anvi.history["kl_weight"].iloc[-1] == 1 / 400  # the warm-up restarts, as scvi-tools
 
 
 def test_bad_labels_input(sim_adata):
@@ -293,3 +294,19 @@ def test_query_mapping_keeps_the_reference_and_predicts(sim_adata):
     TOTALANVI.prepare_query_anndata(bad, model)
     with pytest.raises(TotalVIDataError, match="a_new_type"):
         TOTALANVI.load_query_data(bad, model)
+
+
+def test_training_defaults_are_scvi_tools_totalanvi(sim_adata):
+    """lr 1e-3, a 400-epoch KL warm-up, minibatches of 128, no LR schedule (scvi-tools 1.4.2's
+    TOTALANVI plan), and plan_kwargs still override them."""
+    a, _ = _with_labels(sim_adata[:300])
+    TOTALANVI.setup_anndata(a, batch_key="batch", labels_key="cell_type",
+                            unlabeled_category="Unknown")
+    model = TOTALANVI(a, n_latent=4, n_hidden=32)
+    model.train(max_epochs=2, seed=0, progress_bar=False)
+    assert model.history["kl_weight"].tolist() == pytest.approx([1 / 400, 1 / 400])  # epoch 0, 1
+    assert model.history["lr"].iloc[-1] == pytest.approx(1e-3)
+    model.train(max_epochs=1, seed=0, progress_bar=False, plan_kwargs=dict(lr=5e-4),
+                n_epochs_kl_warmup=None, n_steps_kl_warmup=0)
+    assert model.history["lr"].iloc[-1] == pytest.approx(5e-4)
+    assert model.history["kl_weight"].iloc[-1] == 1.0
