@@ -80,7 +80,10 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         ``background_cell_scale`` (default ``True``; see README, "Protein background"; isotype
         controls and empty droplets come from the registry, :meth:`setup_anndata`),
         ``scale_encoder_input`` (default ``False``; ``True``: the encoder's input is scaled per
-        cell as scvi-tools 1.4 does, which maps RNA-only queries much better) and
+        cell as scvi-tools 1.4 does, which maps RNA-only queries much better),
+        ``encoder_protein_dropout`` (default 0; e.g. 0.5 for a reference meant for RNA-only
+        queries: in training, that fraction of cells is encoded without its proteins, README
+        "Mapping new data onto a reference") and
         ``modality_weights`` (``{"rna": a, "protein": b}``, default 1 and 1: train on the
         tempered posterior with the RNA likelihood to the power ``a`` and the protein likelihood
         to the power ``b``; saved with the model; see :meth:`get_modality_contributions`); see

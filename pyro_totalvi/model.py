@@ -213,6 +213,12 @@ class TotalVIModule(nn.Module):
         ``log1p``, as scvi-tools 1.4 does (:class:`~pyro_totalvi.nn.Encoder`); ``False`` (the
         default): ``log1p`` of the counts. It makes mapping RNA-only queries onto a reference
         much better (README, "Mapping new data onto a reference").
+    encoder_protein_dropout
+        In training, the probability that q(z | x, y, s) sees a cell without its proteins (its
+        encoder input zeroed, as for a cell whose proteins were not measured): modality dropout
+        in the guide only, so the encoder learns to place RNA-only cells (an RNA-only query
+        mapped onto this reference) among the others. The model and every reported ELBO are
+        unchanged (eval mode encodes every measured protein); default 0: off.
     modality_weights
         ``{"rna": a, "protein": b}`` (missing keys: 1): temper the RNA likelihood (site ``x``)
         by ``a`` and the protein likelihood (``v``, ``y``) by ``b`` in training, a tempered
@@ -258,6 +264,7 @@ class TotalVIModule(nn.Module):
         background_preference: float = 0.1,
         protein_warmup: bool = True,
         scale_encoder_input: bool = False,
+        encoder_protein_dropout: float = 0.0,
         modality_weights: dict[str, float] | None = None,
         min_foreground_ratio: float = 2.0,
         isotype_controls: list[int] | None = None,
@@ -279,6 +286,10 @@ class TotalVIModule(nn.Module):
         self.n_panels = n_batches if n_panels is None else n_panels
         self.background_preference = background_preference
         self.protein_warmup = protein_warmup
+        if not 0.0 <= encoder_protein_dropout < 1.0:
+            raise ValueError(f"encoder_protein_dropout must be in [0, 1), got "
+                             f"{encoder_protein_dropout!r}")
+        self.encoder_protein_dropout = float(encoder_protein_dropout)
         self.modality_weights = check_modality_weights(modality_weights)
         self._set_background_settings(min_foreground_ratio, isotype_controls,
                                       background_cell_scale, empty_droplets, n_panels)
@@ -602,6 +613,11 @@ class TotalVIModule(nn.Module):
         """
         if protein_mask is not None:
             y = y * protein_mask  # an unmeasured protein's value must not inform q(z) either
+        if self.training and self.encoder_protein_dropout:
+            # modality dropout: some cells are encoded from their RNA alone, as an RNA-only
+            # query's will be; the guide stays a valid q (it just conditions on less)
+            keep = torch.rand(y.shape[:-1] + (1,), device=y.device) >= self.encoder_protein_dropout
+            y = y * keep
         cov = self.network_input(s, covariates) if self.encode_covariates else None
         return self.encoder(x, y, cov)
 

@@ -430,6 +430,32 @@ def test_scale_encoder_input_is_scvi_tools_input(adata):
     assert m.init_params["scale_encoder_input"] is True
 
 
+def test_encoder_protein_dropout_hides_whole_cells_from_the_encoder_in_training(adata):
+    """Training mode: exactly the cells of the mask drawn first are encoded with their proteins
+    zeroed (RNA only); eval mode (every query and reported ELBO) sees all proteins."""
+    m = TOTALVI(adata, encoder_protein_dropout=0.5, dropout_rate_encoder=0.0,
+                empirical_protein_background_prior=False, **SMALL)
+    assert m.init_params["encoder_protein_dropout"] == 0.5
+    mod, mb = m.module, m.data.minibatch(np.arange(64))
+    x, y, s = mb.x, mb.y, mb.s
+    torch.manual_seed(0)
+    keep = torch.rand(64, 1) >= 0.5
+    assert 0 < keep.sum() < 64
+    mod.train()
+    torch.manual_seed(0)
+    dropped = mod.encode(x, y, s)[0]
+    mod.encoder_protein_dropout = 0.0
+    expected = mod.encode(x, y * keep, s)[0]  # train-mode BatchNorm: same batch, same mask
+    torch.testing.assert_close(dropped, expected)
+    assert not torch.allclose(dropped, mod.encode(x, y, s)[0])
+    mod.eval()
+    plain = mod.encode(x, y, s)[0]
+    mod.encoder_protein_dropout = 0.5
+    torch.testing.assert_close(mod.encode(x, y, s)[0], plain)
+    with pytest.raises(ValueError, match="encoder_protein_dropout"):
+        TOTALVI(adata, encoder_protein_dropout=1.0, **SMALL)
+
+
 @pytest.mark.slow
 def test_benchmark_script_runs_our_side(tmp_path):
     """Keeps benchmarks/query_mapping.py in step with the API (2 epochs, our sides only)."""
