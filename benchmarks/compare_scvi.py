@@ -26,6 +26,7 @@ outside the repository (never into the repo: the eccite data must not be copied 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -406,10 +407,11 @@ def run_child(args):
     import anndata
     import numpy as np
     import torch
+
     # Imported here for both sides, before any timing: importing scvi-tools loads it, pyro_totalvi
     # does not, so otherwise the first optimiser step of our train() would pay its one-time
     # import (1-2 s, a lazy import inside torch.optim) and scvi-tools' would not.
-    import torch._dynamo  # noqa: F401
+    importlib.import_module("torch._dynamo")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
