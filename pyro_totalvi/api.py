@@ -76,7 +76,7 @@ class TOTALVI(QueryMixin, PosteriorMixin, DEMixin, ModalityMixin):
         ``encode_covariates`` (default ``True``; ``False``: the encoder sees neither the batch nor
         the covariates, as in scvi-tools), ``protein_warmup`` (default ``True``: the KL warm-up
         weight also multiplies the protein likelihood, as in scvi-tools 1.4),
-        ``background_preference`` (default 0.1), ``min_foreground_ratio`` (default 2),
+        ``background_preference`` (default 0.1), ``min_foreground_ratio`` (default 3),
         ``background_cell_scale`` (default ``True``; see README, "Protein background"; isotype
         controls and empty droplets come from the registry, :meth:`setup_anndata`),
         ``scale_encoder_input`` (default ``False``; ``True``: the encoder's input is scaled per

@@ -52,7 +52,7 @@ Four model elements (all part of p, so every reported ELBO includes them) pin it
         \quad y^e_{dt} \sim \mathrm{NB}(\beta^e_{dt}, \phi_t)
         && (11c)\ \text{empty droplet } d
 
-* (7') ``min_foreground_ratio`` ``m`` (default 2): with ``alpha`` near 1 the two components
+* (7') ``min_foreground_ratio`` ``m`` (default 3): with ``alpha`` near 1 the two components
   coincide, the likelihood is flat in ``pi`` and ``pi`` drifts with training length; a foreground
   that cannot be told from background is not called foreground.
 * (11b) ``background_cell_scale``: non-specific binding varies between cells (cell size, Fc
@@ -266,7 +266,7 @@ class TotalVIModule(nn.Module):
         scale_encoder_input: bool = False,
         encoder_protein_dropout: float = 0.0,
         modality_weights: dict[str, float] | None = None,
-        min_foreground_ratio: float = 2.0,
+        min_foreground_ratio: float = 3.0,
         isotype_controls: list[int] | None = None,
         background_cell_scale: bool = True,
         empty_droplets: bool = False,
