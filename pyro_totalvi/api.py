@@ -465,14 +465,12 @@ continuous_covariate_keys, protein_mask
         ``strategy="ddp"``: data-parallel over the processes started by ``torchrun`` (README).
         The model stays on the training device (:meth:`to_device`). Returns the model.
 
-        ``adversarial_classifier``: an adversarial batch classifier on z during the KL warm-up
-        (:mod:`pyro_totalvi.adversarial`); ``None`` means off, unlike scvi-tools' rule
-        (:meth:`scvi_adversarial_rule`): on two real data sets with hidden proteins it lowered
-        their imputation (``benchmarks/adversarial.py``, README "Adversarial batch classifier").
+        ``adversarial_classifier``: a batch classifier on z in the KL warm-up
+        (:mod:`pyro_totalvi.adversarial`); ``None``: off, unlike scvi-tools (README, measured).
         """
-        defaults = {k: p.default for cls in (TOTALVI, type(self))  # a subclass's own defaults
-                    for k, p in inspect.signature(cls.train).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
+        defaults = {k: p.default for cls in (TOTALVI, type(self))  # a subclass's defaults too
+                    for k, p in inspect.signature(cls.train).parameters.items() if p.default
+                    is not inspect.Parameter.empty}
         args = dict(max_epochs=max_epochs, lr=lr, train_size=train_size,
                     validation_size=validation_size, shuffle_set_split=shuffle_set_split,
                     batch_size=batch_size, early_stopping=early_stopping,

@@ -319,15 +319,17 @@ class TotalVIModule(nn.Module):
             torch.as_tensor(background_prior_scale, dtype=torch.float32).log()
         )
         self._init_background_options(n_proteins, n_batches, n_cov)
-        # l_mu and l_sigma^2 of Eq. (5) are data statistics, not learned: buffers (none when a
-        # size factor is the library: it is never latent then, as in scvi-tools).
-        zeros = torch.zeros(n_batches)
         if not use_size_factor_key:
-            self.register_buffer("library_log_means", torch.as_tensor(
-                zeros if library_log_means is None else library_log_means, dtype=torch.float32))
-            self.register_buffer("library_log_vars", torch.as_tensor(
-                zeros + 1 if library_log_vars is None else library_log_vars,
-                dtype=torch.float32))
+            self._register_library_prior(n_batches, library_log_means, library_log_vars)
+
+    def _register_library_prior(self, n_batches: int, log_means, log_vars) -> None:
+        """l_mu and l_sigma^2 of Eq. (5): data statistics, not learned, so buffers (none when a
+        size factor is the library: it is never latent then, as in scvi-tools)."""
+        zeros = torch.zeros(n_batches)
+        self.register_buffer("library_log_means", torch.as_tensor(
+            zeros if log_means is None else log_means, dtype=torch.float32))
+        self.register_buffer("library_log_vars", torch.as_tensor(
+            zeros + 1 if log_vars is None else log_vars, dtype=torch.float32))
 
     def _set_background_settings(self, min_foreground_ratio: float, isotype_controls,
                                  background_cell_scale: bool, empty_droplets: bool,
