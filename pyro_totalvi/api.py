@@ -469,8 +469,8 @@ continuous_covariate_keys, protein_mask
         (:mod:`pyro_totalvi.adversarial`); ``None``: off, unlike scvi-tools (README, measured).
         """
         defaults = {k: p.default for cls in (TOTALVI, type(self))  # a subclass's defaults too
-                    for k, p in inspect.signature(cls.train).parameters.items() if p.default
-                    is not inspect.Parameter.empty}
+                    for k, p in inspect.signature(cls.train).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
         args = dict(max_epochs=max_epochs, lr=lr, train_size=train_size,
                     validation_size=validation_size, shuffle_set_split=shuffle_set_split,
                     batch_size=batch_size, early_stopping=early_stopping,
