@@ -26,7 +26,8 @@ Every model trains ``--epochs`` epochs, minibatches of 128 (scvi-tools' TOTALANV
 ``train_size=0.9`` and no early stopping; each method's optimiser, learning rate and KL warm-up
 are its library's defaults (for the two TOTALANVIs these are the same: Adam at 1e-3, a KL
 warm-up over 400 epochs). ``--scvi-plan-kwargs`` passes scvi-tools plan settings (e.g. its KL
-warm-up). Nothing derived from the data is written inside the repository.
+warm-up), ``--ours-kwargs`` settings of our ``TOTALANVI(...)`` (e.g. ``latent_kl_warmup``).
+Nothing derived from the data is written inside the repository.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def run_ours(adata, args, seed):
 
     pt.TOTALANVI.setup_anndata(adata, batch_key="batch", labels_key="labels",
                                unlabeled_category=UNKNOWN)
-    model = pt.TOTALANVI(adata, n_latent=N_LATENT, seed=seed)
+    model = pt.TOTALANVI(adata, n_latent=N_LATENT, seed=seed,
+                         **json.loads(args.ours_kwargs or "{}"))
     model.train(seed=seed, progress_bar=False, **train_kwargs(args))
     return model.predict()
 
@@ -171,6 +173,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-cells", type=int, default=None, help="subsample (smoke tests)")
     parser.add_argument("--scvi-plan-kwargs", default=None, help="JSON for scvi-tools' plan")
+    parser.add_argument("--ours-kwargs", default=None,
+                        help='JSON for our TOTALANVI(...), e.g. \'{"scale_encoder_input": true}\'')
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args(argv)
     import torch

@@ -91,6 +91,13 @@ class TotalANVIModule(TotalVIModule):
     linear_classifier
         q(c | x, y, s) as one linear map of the encoder's mean instead of an MLP (with the
         encoder's depth, width and dropout, as scvi-tools).
+    latent_kl_warmup
+        Whether the KL warm-up factor also multiplies the latent terms p(c) p(z | c) and q(z).
+        Default ``False``, as scvi-tools' TOTALANVI: its loss adds :math:`\\log q(z_1) - \\log
+        p(z_1 \\mid z_2, c)` unweighted and warms up only the KL of :math:`z_2` and of the label
+        (here: the guide's label site). The background KL and, with ``protein_warmup``, the
+        protein likelihood are warmed up either way. ``benchmarks/README.md`` ("Label
+        transfer") compares the two on BMMC.
     *args, **kwargs
         As :class:`~pyro_totalvi.TotalVIModule`.
     """
@@ -98,8 +105,9 @@ class TotalANVIModule(TotalVIModule):
     extra_inputs = ("labels",)
 
     def __init__(self, *args, n_labels: int, classification_weight: float = 0.0,
-                 linear_classifier: bool = False, **kwargs):
+                 linear_classifier: bool = False, latent_kl_warmup: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.latent_kl_warmup = bool(latent_kl_warmup)
         if n_labels < 1:
             raise ValueError(f"n_labels must be at least 1, got {n_labels}")
         self.n_labels = n_labels
@@ -155,6 +163,11 @@ class TotalANVIModule(TotalVIModule):
         """totalVI's model with the label; ``labels`` ``(B,)``: codes, ``-1`` = unknown."""
         with self._given(labels):
             return super().model(*args, **kwargs)
+
+    def latent_kl_weight(self, kl_weight: float) -> float:
+        """1 (no warm-up of p(c) p(z | c) and q(z)) unless ``latent_kl_warmup``: see the class
+        docstring."""
+        return kl_weight if self.latent_kl_warmup else 1.0
 
     # -- guide -----------------------------------------------------------------------------------
     def classify(self, z_loc: torch.Tensor) -> torch.Tensor:

@@ -566,8 +566,9 @@ class TotalVIModule(nn.Module):
         s_gen = s if decode_as is None else decode_as
         cov = self.network_input(s_gen, covariates)  # transform_batch swaps s, not covariates
         with self.cells_plate(s.shape[0], idx, n_obs):
-            with poutine.scale(scale=kl_weight):
+            with poutine.scale(scale=self.latent_kl_weight(kl_weight)):
                 z = pyro.sample("z", self.latent_prior(s)).squeeze(-2)  # (1)
+            with poutine.scale(scale=kl_weight):
                 shift = None  # per-cell background shift b_n, shared by the proteins (11b)
                 if self.background_cell_scale:
                     shift = pyro.sample("background_scale", self.background_scale_prior(s))
@@ -596,6 +597,10 @@ class TotalVIModule(nn.Module):
                                 obs=y)  # (14)
         if droplets is not None:
             self.droplet_model(droplets, kl_weight)  # (11c): ambient counts of empty droplets
+
+    def latent_kl_weight(self, kl_weight: float) -> float:
+        """The KL warm-up factor of ``z``'s sites (the model's prior and the guide's q(z))."""
+        return kl_weight
 
     # -- guide blocks ------------------------------------------------------------------------------
     def encode(
@@ -701,8 +706,9 @@ class TotalVIModule(nn.Module):
         cov_gen = self.network_input(s if decode_as is None else decode_as, covariates)
         q_z, q_l = self.latent_posterior(x, y, s, log_library, covariates, protein_mask)
         with self.cells_plate(s.shape[0], idx, n_obs):
-            with poutine.scale(scale=kl_weight):
+            with poutine.scale(scale=self.latent_kl_weight(kl_weight)):
                 z = pyro.sample("z", q_z).squeeze(-2)
+            with poutine.scale(scale=kl_weight):
                 shift = None
                 if self.background_cell_scale:
                     shift = pyro.sample("background_scale", self.background_scale_posterior(

@@ -62,6 +62,9 @@ class TOTALANVI(TOTALVI):
         Dimension of z.
     linear_classifier
         q(c | x, y, s) as one linear map of E_q[z] instead of an MLP (as scvi-tools).
+    latent_kl_warmup
+        Whether the KL warm-up also scales p(c) p(z | c) and q(z) (default ``False``: full
+        weight, as scvi-tools' TOTALANVI; see :class:`~pyro_totalvi.labels.TotalANVIModule`).
     **kwargs
         As :class:`~pyro_totalvi.TOTALVI` (``protein_mixture``, network sizes, ``seed``, ...).
 

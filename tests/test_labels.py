@@ -106,6 +106,25 @@ def test_enumerated_and_observed_labels_give_the_hand_summed_elbo(sim_adata, mix
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+def test_latent_terms_are_warmed_up_only_when_asked(labelled, warmup):
+    """As scvi-tools' TOTALANVI (default): the KL warm-up factor scales the background terms
+    and the guide's label site, not p(c) p(z | c) and q(z); with ``latent_kl_warmup`` it scales
+    them too. The scale each site enters the ELBO with, in model and guide."""
+    a, _ = labelled
+    data = CiteData(a, extras=("labels",))
+    m = _module(data, 4, latent_kl_warmup=warmup)
+    mb = data.minibatch(np.arange(32))
+    kw = dict(mb.kwargs(), kl_weight=0.3)
+    guide_tr = poutine.trace(m.guide).get_trace(*mb.args(), **kw)
+    model_tr = poutine.trace(poutine.replay(m.model, trace=guide_tr)).get_trace(*mb.args(), **kw)
+    latent = 0.3 if warmup else 1.0
+    assert guide_tr.nodes["z"]["scale"] == model_tr.nodes["z"]["scale"] == latent
+    assert model_tr.nodes["c_observed"]["scale"] == latent
+    assert guide_tr.nodes["c_unobserved"]["scale"] == 0.3
+    assert guide_tr.nodes["beta"]["scale"] == model_tr.nodes["beta"]["scale"] == 0.3
+
+
 def test_classification_factor_trains_but_is_never_reported(labelled):
     a, _ = labelled
     data = CiteData(a, extras=("labels",))
