@@ -59,7 +59,10 @@ def simulate(
         Probability that a group expresses a protein (0: background in every group, up to the
         5 % of cells drawn foreground by ``pi``; 1: foreground everywhere).
     foreground_ratio
-        Range of ``alpha - 1`` (log-uniform per protein); e.g. ``(1.5, 3.0)``: a weak foreground.
+        Range of a per-protein factor ``r`` (log-uniform), with ``alpha = 1 + r (0.5 + f)`` and
+        ``f`` in [0, 1] the cell's (soft) membership of the groups that express the protein:
+        ``1 + r / 2`` in cells of other groups, ``1 + 3 r / 2`` in expressing groups. E.g.
+        ``(1.5, 3.0)``, a weak foreground: alpha 1.75-2.5 and 3.25-5.5.
     background_cell_sd
         SD of a per-cell shift ``b_n ~ Normal(0, sd)`` of ``log beta`` shared by every protein
         of the cell (non-specific binding); 0: none.
@@ -78,7 +81,8 @@ def simulate(
         ``X`` (CSR float32 RNA counts), ``obsm["protein_expression"]`` (DataFrame of counts),
         ``obs["batch"]``, ``obs["group"]`` (categorical), and the truth: ``obsm["true_z"]``,
         ``obsm["true_v"]`` (1 = background), ``obsm["true_beta"]``, ``obsm["true_pi"]``,
-        ``obs["true_library"]``, ``var["de"]`` (planted DE gene), ``uns["protein_de"]``
+        ``obsm["true_alpha"]``, ``uns["true_protein_prior"]`` (``c`` and ``d`` of Eq. 11,
+        proteins x batches, and ``phi``), ``obs["true_library"]``, ``var["de"]`` (planted DE gene), ``uns["protein_de"]``
         (planted DE protein), ``varm["true_group_log_rho"]`` and
         ``uns["true_group_foreground"]`` (groups x proteins); with ``background_cell_sd``,
         ``obs["true_background_shift"]``. With ``n_empty_droplets``, the pair
@@ -214,11 +218,14 @@ def _chunk(rng, p: dict, g: np.ndarray, b: np.ndarray, start: int) -> ad.AnnData
     v = (rng.random((n, T)) < pi).astype(np.float32)  # (12)
     y = _nb(rng, v * beta + (1 - v) * beta * alpha, p["phi"][None])  # (14)
     protein_names = [f"protein_{t}" for t in range(T)]
+    prior = {"c": p["c"], "d": p["d"], "phi": p["phi"]}
     if extra["n_isotypes"]:
         y_iso, beta_iso = _isotype_counts(extra, b, shift)
         y, beta = np.hstack([y, y_iso]), np.hstack([beta, beta_iso])
         v = np.hstack([v, np.ones_like(y_iso)])
         pi = np.hstack([pi, np.ones_like(y_iso)])
+        alpha = np.hstack([alpha, np.ones_like(y_iso)])
+        prior = {k: np.concatenate([prior[k], extra[k]]) for k in prior}
         protein_names += [f"isotype_{i}" for i in range(extra["n_isotypes"])]
     names = [f"cell_{i}" for i in range(start, start + n)]
     batch_names = [f"batch_{i}" for i in range(p["K"])]
@@ -234,6 +241,8 @@ def _chunk(rng, p: dict, g: np.ndarray, b: np.ndarray, start: int) -> ad.AnnData
     chunk.obsm["true_v"] = v
     chunk.obsm["true_beta"] = beta.astype(np.float32)
     chunk.obsm["true_pi"] = pi.astype(np.float32)
+    chunk.obsm["true_alpha"] = alpha.astype(np.float32)
+    chunk.uns["true_protein_prior"] = prior
     chunk.varm["true_group_log_rho"] = p["group_log_rho"].astype(np.float32)
     chunk.uns["true_group_foreground"] = p["foreground"]
     # A protein is planted-DE when it is foreground in some groups but not in others.

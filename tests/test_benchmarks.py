@@ -4,13 +4,17 @@ Speed is not asserted: the benchmark measures it; this only keeps the script in 
 package's API, at the smallest size (1,000 + 100 held-out cells, 2 epochs).
 """
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pyro_totalvi import simulate
 
 from .conftest import shared_file
 
@@ -49,11 +53,41 @@ def test_background_small_runs_our_side(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     (sim,) = res["sim"]
-    assert set(sim["auc"]) == {"log-ratio baseline", "before", "plain", "isotypes",
+    assert set(sim["auc"]) == {"Bayes oracle", "log-ratio baseline", "before", "plain", "isotypes",
                                "isotypes + droplets"}
     assert all(0.0 <= v <= 1.0 for v in sim["auc"].values())
     assert all(math.isfinite(v) for v in sim["protein_elbo"].values())
     assert "ROC AUC of the foreground probability" in proc.stdout
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bayes_oracle_is_calibrated_and_ranks_at_least_as_well_as_the_baseline():
+    """background.py's oracle is the posterior under the simulator's true parameters: among the
+    cells it gives probability p, a fraction p is foreground (binned, within 3 binomial SDs),
+    and it ranks no worse than the log-ratio baseline. A wrong component, prior or shift in it
+    breaks the calibration."""
+    bg = _benchmark("background")
+    adata, _ = simulate(**dict(bg.SIM_COMMON, n_cells=1000, n_genes=50),
+                        **bg.SIM_SETTINGS["50% positive, weak"])
+    T = bg.SIM_COMMON["n_proteins"]
+    truth = (1 - adata.obsm["true_v"][:, :T]).ravel()
+    post = bg.bayes_oracle(adata, T).ravel()
+    bins = np.digitize(post, [0.1, 0.5, 0.9])
+    for k in range(4):
+        cells = bins == k
+        assert cells.sum() >= 300
+        p = post[cells].mean()
+        assert abs(truth[cells].mean() - p) < 3 * np.sqrt(p * (1 - p) / cells.sum()), k
+    baseline = bg.log_ratio_baseline(adata.obsm["protein_expression"].to_numpy()[:, :T],
+                                     adata.obs["batch"].to_numpy())
+    assert bg.auc(truth, post) > bg.auc(truth, baseline.ravel()) + 0.05
 
 
 @pytest.mark.slow
