@@ -403,6 +403,37 @@ def make_side(name, args):
 # --------------------------------------------------------------------------------------------
 # child process
 # --------------------------------------------------------------------------------------------
+def _score_after_training(args, side, res: dict) -> None:
+    """The trained side's last history values and -ELBOs (validation, all, held-out cells), into
+    ``res``; every call starts from the same seed, so both sides' ELBOs use the same draws."""
+    import anndata
+    import numpy as np
+    import torch
+
+    res.update({"history_" + k: v for k, v in side.history_last().items()})
+    val = side.val_indices()
+    torch.manual_seed(args.seed)
+    if val is not None and len(val):
+        res["n_val_cells"] = int(len(val))
+        res["val_neg_elbo"] = side.neg_elbo(np.asarray(val))
+        torch.manual_seed(args.seed)  # same MC draws as the line above
+        terms = side.neg_elbo_terms(np.asarray(val))
+        if terms:
+            res["val_terms"] = terms
+            res["val_neg_elbo_pure"] = terms["neg_elbo_pure"]
+    torch.manual_seed(args.seed)
+    res["all_neg_elbo"] = side.neg_elbo(None)
+    held_path = Path(args._h5ad).with_name("heldout.h5ad")
+    if held_path.exists():
+        held = anndata.read_h5ad(held_path)
+        res["n_heldout_cells"] = held.n_obs
+        torch.manual_seed(args.seed)
+        res["heldout_neg_elbo"] = side.neg_elbo(None, held)
+        torch.manual_seed(args.seed)
+        terms = side.neg_elbo_terms(None, held)
+        res.update({"heldout_" + k: v for k, v in terms.items()})
+
+
 def run_child(args):
     import anndata
     import numpy as np
@@ -456,28 +487,7 @@ def run_child(args):
             train_rss_peak_sampled_mb=peak,
             train_rss_increment_mb=peak - before,
         )
-        res.update({"history_" + k: v for k, v in side.history_last().items()})
-        val = side.val_indices()
-        torch.manual_seed(args.seed)
-        if val is not None and len(val):
-            res["n_val_cells"] = int(len(val))
-            res["val_neg_elbo"] = side.neg_elbo(np.asarray(val))
-            torch.manual_seed(args.seed)  # same MC draws as the line above
-            terms = side.neg_elbo_terms(np.asarray(val))
-            if terms:
-                res["val_terms"] = terms
-                res["val_neg_elbo_pure"] = terms["neg_elbo_pure"]
-        torch.manual_seed(args.seed)
-        res["all_neg_elbo"] = side.neg_elbo(None)
-        held_path = Path(args._h5ad).with_name("heldout.h5ad")
-        if held_path.exists():
-            held = anndata.read_h5ad(held_path)
-            res["n_heldout_cells"] = held.n_obs
-            torch.manual_seed(args.seed)
-            res["heldout_neg_elbo"] = side.neg_elbo(None, held)
-            torch.manual_seed(args.seed)
-            terms = side.neg_elbo_terms(None, held)
-            res.update({"heldout_" + k: v for k, v in terms.items()})
+        _score_after_training(args, side, res)
         if side.can_save and not args.no_isolate:
             side.save(args._model_dir)
             res["saved_model"] = True

@@ -535,10 +535,8 @@ class TotalVIModule(nn.Module):
 
         Parameters
         ----------
-        x, y
-            RNA ``(B, G)`` and protein ``(B, T)`` counts (``None`` to sample them).
-        s
-            One-hot batch ``(B, K)``.
+        x, y, s
+            RNA ``(B, G)``, protein ``(B, T)`` counts (``None``: sampled), one-hot batch ``(B, K)``.
         log_library
             ``(B, 1)`` log library (total RNA counts or size factor), when it is observed.
         covariates
@@ -548,7 +546,8 @@ class TotalVIModule(nn.Module):
         idx, n_obs
             Indices of the minibatch among ``n_obs`` cells (see :meth:`cells_plate`).
         kl_weight
-            KL warm-up factor on the local latent sites (with ``protein_warmup``, on ``y`` too).
+            KL warm-up factor on the local latent sites (with ``protein_warmup``, on ``y`` too;
+            on ``z`` through :meth:`latent_kl_weight`).
         decode_as
             One-hot batch ``(B, K)`` that the generative networks and the background prior see
             instead of ``s``: counterfactual expression "as if measured in that batch"

@@ -35,9 +35,7 @@ def simulate(
     foreground_fraction: float = 0.5,
     foreground_ratio: tuple[float, float] = (5.0, 20.0),
     background_cell_sd: float = 0.0,
-    n_isotypes: int = 0,
-    n_empty_droplets: int = 0,
-    droplet_background_ratio: float = 0.5,
+    n_isotypes: int = 0, n_empty_droplets: int = 0, droplet_background_ratio: float = 0.5,
 ):
     """Draw a CITE-seq data set from the totalVI generative process (Eqs. 1-14).
 
@@ -59,10 +57,9 @@ def simulate(
         Probability that a group expresses a protein (0: background in every group, up to the
         5 % of cells drawn foreground by ``pi``; 1: foreground everywhere).
     foreground_ratio
-        Range of a per-protein factor ``r`` (log-uniform), with ``alpha = 1 + r (0.5 + f)`` and
-        ``f`` in [0, 1] the cell's (soft) membership of the groups that express the protein:
-        ``1 + r / 2`` in cells of other groups, ``1 + 3 r / 2`` in expressing groups. E.g.
-        ``(1.5, 3.0)``, a weak foreground: alpha 1.75-2.5 and 3.25-5.5.
+        Range of a per-protein factor ``r`` (log-uniform): ``alpha = 1 + r (0.5 + f)``, ``f`` in
+        [0, 1] the cell's (soft) membership of the groups that express the protein. E.g.
+        ``(1.5, 3.0)``, a weak foreground: alpha 1.75-2.5 in other groups, 3.25-5.5 in those.
     background_cell_sd
         SD of a per-cell shift ``b_n ~ Normal(0, sd)`` of ``log beta`` shared by every protein
         of the cell (non-specific binding); 0: none.
@@ -81,9 +78,9 @@ def simulate(
         ``X`` (CSR float32 RNA counts), ``obsm["protein_expression"]`` (DataFrame of counts),
         ``obs["batch"]``, ``obs["group"]`` (categorical), and the truth: ``obsm["true_z"]``,
         ``obsm["true_v"]`` (1 = background), ``obsm["true_beta"]``, ``obsm["true_pi"]``,
-        ``obsm["true_alpha"]``, ``uns["true_protein_prior"]`` (``c`` and ``d`` of Eq. 11,
-        proteins x batches, and ``phi``), ``obs["true_library"]``, ``var["de"]`` (planted DE gene), ``uns["protein_de"]``
-        (planted DE protein), ``varm["true_group_log_rho"]`` and
+        ``obsm["true_alpha"]``, ``uns["true_protein_prior"]`` (``c``, ``d`` of Eq. 11, proteins x
+        batches; ``phi``), ``obs["true_library"]``, ``var["de"]`` (planted DE gene),
+        ``uns["protein_de"]`` (planted DE protein), ``varm["true_group_log_rho"]`` and
         ``uns["true_group_foreground"]`` (groups x proteins); with ``background_cell_sd``,
         ``obs["true_background_shift"]``. With ``n_empty_droplets``, the pair
         ``(adata, droplets)``: ``droplets`` is an AnnData of the droplets (ambient RNA counts in
