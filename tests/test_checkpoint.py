@@ -108,14 +108,17 @@ def test_failed_write_keeps_previous_checkpoint_and_no_temp_file(adata, tmp_path
 
 
 def test_resume_refuses_missing_or_mismatched_checkpoint(adata, tmp_path):
+    def make(data, **kwargs):  # no empirical background prior: 9 models, 1 s of fitting each
+        return _model(data, empirical_protein_background_prior=False, **kwargs)
+
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        _model(adata).train(max_epochs=2, checkpoint_dir=tmp_path, resume=True, **KW)
+        make(adata).train(max_epochs=2, checkpoint_dir=tmp_path, resume=True, **KW)
     with pytest.raises(ValueError, match="checkpoint_dir"):
-        _model(adata).train(max_epochs=2, resume=True, **KW)
-    _model(adata).train(max_epochs=1, checkpoint_dir=tmp_path, **KW)
+        make(adata).train(max_epochs=2, resume=True, **KW)
+    make(adata).train(max_epochs=1, checkpoint_dir=tmp_path, **KW)
 
     def resume(data, model_kwargs=None, **kwargs):
-        _model(data, **(model_kwargs or {})).train(
+        make(data, **(model_kwargs or {})).train(
             max_epochs=2, checkpoint_dir=tmp_path, resume=True, **{**KW, **kwargs})
 
     fewer = adata[:500].copy()
