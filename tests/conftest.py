@@ -1,5 +1,6 @@
 """Shared fixtures: small simulated CITE-seq data made once per session."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,16 @@ from pyro_totalvi import TOTALVI, simulate
 
 torch.set_num_threads(2)
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT / ".." / "shared" / "data"
+
+
+def benchmark_module(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (its functions, without running it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_file(name: str) -> Path:

@@ -5,7 +5,6 @@ mean under a size factor, which background prior a panel selects, ...), not only
 accepted. ``benchmarks/compare_api.py`` compares the same calls against scvi-tools itself.
 """
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from pyro import poutine
 from pyro_totalvi import TOTALVI, TotalVIDataError, simulate
 from pyro_totalvi.de import _lfc_table
 from pyro_totalvi.train import TrainingPlan
+
+from .conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_latent=4, n_hidden=16)
@@ -376,10 +377,7 @@ def test_summary_and_setup_views(model, capsys):
 
 
 def test_every_deliberate_difference_is_in_the_readme():
-    spec = importlib.util.spec_from_file_location("compare_api", ROOT / "benchmarks" /
-                                                  "compare_api.py")
-    compare_api = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_api)
+    compare_api = benchmark_module("compare_api")
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Deliberate differences from scvi-tools")[1].split("\n## ")[0]
     listed = set(re.findall(r"^\| `([^`]+)`", section, flags=re.M))

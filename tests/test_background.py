@@ -18,7 +18,7 @@ from pyro_totalvi.data import CiteData
 from pyro_totalvi.model import BACKGROUND_ONLY_LOGIT
 from pyro_totalvi.scoring import elbo_terms, protein_terms
 
-from .conftest import shared_file
+from .conftest import benchmark_module, shared_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -312,12 +312,8 @@ def test_held_out_isotype_is_background(claims):
 
 
 def test_auc_beats_log_ratio_baseline_and_elbo_holds(claims):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from background import auc, log_ratio_baseline, protein_elbo
-
+    bg = benchmark_module("background")
+    auc, log_ratio_baseline, protein_elbo = bg.auc, bg.log_ratio_baseline, bg.protein_elbo
     a, iso, models = claims
     proteins = [p for p in a.obsm["protein_expression"].columns if p not in iso]
     truth = 1 - a.obsm["true_v"][:, : len(proteins)]

@@ -4,7 +4,6 @@ Speed is not asserted: the benchmark measures it; this only keeps the script in 
 package's API, at the smallest size (1,000 + 100 held-out cells, 2 epochs).
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 
 from pyro_totalvi import simulate
 
-from .conftest import shared_file
+from .conftest import benchmark_module, shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,20 +59,12 @@ def test_background_small_runs_our_side(tmp_path):
     assert "ROC AUC of the foreground probability" in proc.stdout
 
 
-def _benchmark(name: str):
-    """A script of benchmarks/ as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bayes_oracle_is_calibrated_and_ranks_at_least_as_well_as_the_baseline():
     """background.py's oracle is the posterior under the simulator's true parameters: among the
     cells it gives probability p, a fraction p is foreground (binned, within 3 binomial SDs),
     and it ranks no worse than the log-ratio baseline. A wrong component, prior or shift in it
     breaks the calibration."""
-    bg = _benchmark("background")
+    bg = benchmark_module("background")
     adata, _ = simulate(**dict(bg.SIM_COMMON, n_cells=1000, n_genes=50),
                         **bg.SIM_SETTINGS["50% positive, weak"])
     T = bg.SIM_COMMON["n_proteins"]
