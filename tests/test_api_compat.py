@@ -6,7 +6,6 @@ accepted. ``benchmarks/compare_api.py`` compares the same calls against scvi-too
 """
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,9 +18,8 @@ from pyro_totalvi import TOTALVI, TotalVIDataError, simulate
 from pyro_totalvi.de import _lfc_table
 from pyro_totalvi.train import TrainingPlan
 
-from .conftest import benchmark_module
+from .conftest import ROOT, benchmark_module
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_latent=4, n_hidden=16)
 QUIET = dict(progress_bar=False)
 

@@ -8,16 +8,13 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pyro_totalvi import simulate
 
-from .conftest import benchmark_module, shared_file
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, benchmark_module, shared_file
 
 
 @pytest.mark.slow

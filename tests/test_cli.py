@@ -3,7 +3,6 @@
 import logging
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import anndata as ad
@@ -13,7 +12,7 @@ import pytest
 
 from pyro_totalvi.__main__ import CommandLineError, _report_training, build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT
 
 
 def test_demo_writes_results(tmp_path, capsys):

@@ -2,7 +2,6 @@
 one block (or wraps ``model``), trains through ``TOTALVI(module_class=...)``, saves and loads."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyro
@@ -13,7 +12,9 @@ from pyro.infer import Trace_ELBO
 from pyro_totalvi import TOTALVI, TotalVIModule
 from pyro_totalvi.data import CiteData
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "tutorials" / "03_extending_the_model.ipynb"
+from .conftest import ROOT
+
+NOTEBOOK = ROOT / "tutorials" / "03_extending_the_model.ipynb"
 MAX_LINES = 20  # a subclass's code cell, blank lines not counted
 
 

@@ -10,6 +10,8 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro_totalvi import TotalVIModule
 from pyro_totalvi.data import CiteData
 
+from .conftest import ROOT
+
 
 def _batch(adata, n=64):
     data = CiteData(adata)
@@ -142,9 +144,7 @@ def test_prior_predictive_with_predictive(adata):
 
 
 def test_readme_plain_pyro_example_runs():
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (ROOT / "README.md").read_text()
     start = text.index("### Plain Pyro on tensors")
     code = text[text.index("```python", start) + 9 : text.index("```", text.index("```python",
                                                                                      start) + 9)]

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -17,7 +16,7 @@ from pyro_totalvi import TOTALVI, TotalVIDataError, simulate
 from pyro_totalvi.__main__ import _select_genes
 from pyro_totalvi.de import fdr_calls
 
-from .conftest import shared_file
+from .conftest import ROOT, shared_file
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +226,7 @@ def test_memory_does_not_grow_with_n_samples():
     chunk on the working memory is constant; keeping every draw would need
     3000 x 1000 x 64 x 4 B = 768 MB.
     """
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "posterior_memory.py"
+    script = ROOT / "benchmarks" / "posterior_memory.py"
     growth = {}
     for n in (16, 64):
         out = subprocess.run([sys.executable, str(script), "--n-cells", "3000", "--n-genes",

@@ -462,17 +462,15 @@ def test_benchmark_script_runs_our_side(tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    from .conftest import shared_file
+    from .conftest import ROOT, shared_file
 
     shared_file("bmmc_cite_starter.h5ad")
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "q.json"
     proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "query_mapping.py"), "--splits", "bmmc",
+        [sys.executable, str(ROOT / "benchmarks" / "query_mapping.py"), "--splits", "bmmc",
          "--sides", "ours", "ours_scaled", "--ref-epochs", "2", "--query-epochs", "2",
-         "--out-json", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+         "--out-json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["bmmc"]
     assert set(res) == {"kNN on RNA PCs", "ours", "ours_scaled"}

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import ROOT
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 EXPECTED = ["01_model_from_equations", "02_cite_seq_analysis", "03_extending_the_model",
             "04_predictive_checks", "05_modality_balance", "06_labels"]
