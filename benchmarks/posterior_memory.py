@@ -5,6 +5,10 @@
 Prints one JSON line: peak RSS of the whole process, RSS before the call, and the growth during the
 call (which is what the chunked running means bound). The model is not trained: memory does not
 depend on the parameter values.
+
+For comparisons between runs, fix glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_=1048576``):
+otherwise malloc raises it as large blocks are freed, freed tensors may stay in the heap, and the
+growth then depends on how many blocks were freed, not on the peak of live memory.
 """
 
 from __future__ import annotations
