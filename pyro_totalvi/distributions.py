@@ -123,9 +123,11 @@ def _sparse_gamma_terms(x: torch.Tensor, theta: torch.Tensor, shape: torch.Size)
     xn = torch.take(x.expand(shape), nz)
     per_theta = _per_theta(theta)
     if theta.numel() == 1 or theta.shape[-1:] == shape[-1:] == (theta.numel(),):
-        # one theta per gene (or one for all): the per-gene values in one gather
+        # one theta per gene (or one for all): the per-gene values in one gather. index_select,
+        # not [feature]: its gradient is an index_add, the indexing's an accumulating index_put,
+        # on CPU 0.1 against 0.3-1.6 ms for 60,000 counts into 2,000 genes
         feature = nz % shape[-1]
-        thn = theta.reshape(-1).expand(shape[-1])[feature]
+        thn = theta.reshape(-1).expand(shape[-1]).index_select(0, feature)
         per_n = per_theta.reshape(len(per_theta), -1).expand(-1, shape[-1]).index_select(
             1, feature)
     else:
