@@ -94,3 +94,43 @@ def test_labels_benchmark_runs_our_side(tmp_path):
     assert {r["method"] for r in rows} == {"ours", "knn", "ours_pretrained"}
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["balanced_accuracy"] <= 1 for r in rows)
     assert "mean over donors and seeds" in proc.stdout
+
+
+def test_background_start_sets_the_true_prior_and_nothing_else():
+    """background_start.py's starts: "true-c" copies the simulator's c and leaves d as the
+    default start made it; "true-d" the reverse; "default" changes nothing."""
+    import torch
+
+    from pyro_totalvi import TOTALVI
+
+    bs = benchmark_module("background_start")
+    adata, _ = simulate(**dict(bs.bg.SIM_COMMON, n_cells=200, n_genes=30),
+                        **bs.bg.SIM_SETTINGS["95% positive, strong"])
+    TOTALVI.setup_anndata(adata, batch_key="batch")
+    prior = adata.uns["true_protein_prior"]
+    true_c, true_d = np.asarray(prior["c"]), np.asarray(prior["d"])
+    for start in bs.STARTS:
+        module = TOTALVI(adata, n_latent=4, n_hidden=16).module
+        c0, log_d0 = module.background_c.detach().clone(), module.background_log_d.detach().clone()
+        bs.set_start(module, adata, start)
+        c, d = module.background_c.detach(), module.background_log_d.detach().exp()
+        assert torch.equal(c, torch.as_tensor(true_c, dtype=torch.float32) if "c" in start[5:]
+                           else c0), start
+        np.testing.assert_allclose(d, true_d if "d" in start[5:] else log_d0.exp(), rtol=1e-6)
+    assert not np.allclose(c0, true_c)  # the default start is not the truth: the test can fail
+    with pytest.raises(ValueError, match="start must be one of"):
+        bs.set_start(module, adata, "true-z")
+
+
+@pytest.mark.slow
+def test_background_start_small_runs(tmp_path):
+    out = tmp_path / "start.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "background_start.py"), "--small",
+         "--setting", "50% positive, strong", "--start", "true-cd", "--out-json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())
+    assert run["start"] == "true-cd" and len(run["proteins"]) == 15
+    assert 0.0 <= run["auc"] <= 1.0 and math.isfinite(run["protein_elbo"])
+    assert "held-out protein ELBO" in proc.stdout
