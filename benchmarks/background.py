@@ -182,30 +182,43 @@ def run_scvi(args, adata, epochs, tmp: Path) -> dict | None:
 
 
 # -- simulated data ----------------------------------------------------------------------------
-def _train_ours(adata, epochs: int, declare: dict, **module):
-    """Register a copy of ``adata`` (declaring isotypes / droplets as ``declare`` says), train."""
+def _train_ours(adata, epochs: int, declare: dict, before_training=None, **module):
+    """Register a copy of ``adata`` (declaring isotypes / droplets as ``declare`` says), train;
+    ``before_training(model)``, when given, runs between construction and training."""
     ptv = _ours()
     a = adata.copy()
     ptv.TOTALVI.setup_anndata(a, batch_key="batch" if "batch" in a.obs else None, **declare)
     model = ptv.TOTALVI(a, n_latent=20, **module)
+    if before_training is not None:
+        before_training(model)
     model.train(max_epochs=epochs, **TRAIN)
     return model
 
 
-def sim_setting(name: str, options: dict, args, tmp: Path) -> dict:
-    """AUCs and protein ELBOs for one simulated setting."""
-    ptv = _ours()
-    common = dict(SIM_COMMON, **({"n_cells": 400} if args.small else {}))
-    adata, droplets = ptv.simulate(**common, **options)
+def simulated_setting(name: str, small: bool = False):
+    """One setting's data: ``(adata, droplets, proteins, truth)``, with ``proteins`` the
+    non-isotype proteins and ``truth`` their foreground indicator ``1 - v`` (cells x proteins)."""
+    common = dict(SIM_COMMON, **({"n_cells": 400} if small else {}))
+    adata, droplets = _ours().simulate(**common, **SIM_SETTINGS[name])
     isotypes = list(adata.uns["isotype_controls"])
     proteins = [p for p in adata.obsm["protein_expression"].columns if p not in isotypes]
-    truth = 1 - adata.obsm["true_v"][:, : len(proteins)]
+    return adata, droplets, proteins, 1 - adata.obsm["true_v"][:, : len(proteins)]
+
+
+def reference_aucs(adata, proteins: list[str], truth: np.ndarray) -> dict:
+    """ROC AUC of the log-ratio baseline and of the Bayes oracle (no training)."""
     counts = adata.obsm["protein_expression"][proteins].to_numpy()
+    return {"log-ratio baseline": auc(truth, log_ratio_baseline(counts,
+                                                                adata.obs["batch"].to_numpy())),
+            "Bayes oracle": auc(truth, bayes_oracle(adata, len(proteins)))}
+
+
+def sim_setting(name: str, args, tmp: Path) -> dict:
+    """AUCs and protein ELBOs for one simulated setting."""
+    adata, droplets, proteins, truth = simulated_setting(name, args.small)
+    isotypes = list(adata.uns["isotype_controls"])
     row = {"setting": name, "positive_fraction": float(truth.mean()),
-           "auc": {"log-ratio baseline": auc(truth, log_ratio_baseline(
-               counts, adata.obs["batch"].to_numpy())),
-               "Bayes oracle": auc(truth, bayes_oracle(adata, len(proteins)))},
-           "protein_elbo": {}}
+           "auc": reference_aucs(adata, proteins, truth), "protein_elbo": {}}
     variants = {"before": ({}, BEFORE, False), "plain": ({}, {}, True),
                 "isotypes": ({"isotype_controls": isotypes}, {}, True),
                 "isotypes + droplets": ({"isotype_controls": isotypes,
@@ -360,7 +373,7 @@ def main(argv=None) -> None:
         if args.part in ("sim", "all"):
             names = args.settings.split(";") if args.settings else list(SIM_SETTINGS)
             for name in names[:1] if args.small else names:
-                out["sim"].append(sim_setting(name, SIM_SETTINGS[name], args, Path(tmp)))
+                out["sim"].append(sim_setting(name, args, Path(tmp)))
         if args.part in ("real", "all"):
             for name in REAL_FILES[:1] if args.small else REAL_FILES:
                 res = real_file(name, args, Path(tmp))

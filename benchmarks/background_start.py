@@ -61,29 +61,19 @@ def shift_mean(model) -> float:
 
 def run(setting: str, start: str, preference: float | None, epochs: int, small: bool) -> dict:
     """Train the plain model on one setting from ``start``; the numbers the script prints."""
-    ptv = bg._ours()
-    common = dict(bg.SIM_COMMON, **({"n_cells": 400} if small else {}))
-    adata, _ = ptv.simulate(**common, **bg.SIM_SETTINGS[setting])
-    isotypes = set(adata.uns["isotype_controls"])
-    proteins = [p for p in adata.obsm["protein_expression"].columns if p not in isotypes]
+    adata, _, proteins, truth = bg.simulated_setting(setting, small)
     T = len(proteins)
-    truth = 1 - adata.obsm["true_v"][:, :T]
-    a = adata.copy()
-    ptv.TOTALVI.setup_anndata(a, batch_key="batch")
     kwargs = {} if preference is None else {"background_preference": preference}
-    model = ptv.TOTALVI(a, n_latent=20, **kwargs)
-    set_start(model.module, a, start)
-    model.train(max_epochs=epochs, **bg.TRAIN)
+    model = bg._train_ours(adata, epochs, {}, lambda m: set_start(m.module, adata, start),
+                           **kwargs)
     fg = model.get_protein_foreground_probability(protein_list=proteins, n_samples=10).to_numpy()
     c = model.module.background_c.detach().cpu().numpy()[:T]
     true_c = np.asarray(adata.uns["true_protein_prior"]["c"])[:T]
-    counts = adata.obsm["protein_expression"][proteins].to_numpy()
+    reference = bg.reference_aucs(adata, proteins, truth)
     return {
         "setting": setting, "start": start, "preference": model.module.background_preference,
-        "epochs": epochs,
-        "auc": bg.auc(truth, fg),
-        "auc_baseline": bg.auc(truth, bg.log_ratio_baseline(counts, adata.obs["batch"].to_numpy())),
-        "auc_oracle": bg.auc(truth, bg.bayes_oracle(adata, T)),
+        "epochs": epochs, "auc": bg.auc(truth, fg),
+        "auc_baseline": reference["log-ratio baseline"], "auc_oracle": reference["Bayes oracle"],
         "protein_elbo": bg.protein_elbo(model, model.split["validation"], proteins),
         "shift_mean": shift_mean(model),
         "proteins": [{"name": p, "positive": float(truth[:, t].mean()),
