@@ -123,16 +123,22 @@ def bayes_oracle(adata, n_proteins: int, n_nodes: int = 40) -> np.ndarray:
     return expit(np.log1p(-pi) - np.log(pi) + log_lik(alpha) - log_lik(np.ones_like(alpha)))
 
 
-def protein_elbo(model, indices: np.ndarray, proteins: list[str]) -> float:
-    """Held-out ELBO per cell of ``proteins``: their log-likelihood and background KL terms
-    (and the per-cell background shift's KL, which they share) from the one scorer."""
+def protein_elbo_parts(model, indices: np.ndarray, proteins: list[str]) -> dict:
+    """Held-out ELBO per cell of ``proteins``, by term (the one scorer): ``"y"`` their
+    log-likelihood, ``"beta"`` their background's -KL, ``"shift"`` the per-cell background
+    shift's -KL, which they share (0 without one)."""
     from pyro_totalvi.scoring import protein_terms
 
     terms = protein_terms(model.module, model.data, np.asarray(indices))
     names = [str(p) for p in model.registry["protein_names"]]
     cols = [names.index(p) for p in proteins]
-    return float(terms["y"][cols].sum() + terms["beta"][cols].sum()
-                 + terms.get("background_scale", np.zeros(1)).sum())
+    return {"y": float(terms["y"][cols].sum()), "beta": float(terms["beta"][cols].sum()),
+            "shift": float(terms.get("background_scale", np.zeros(1)).sum())}
+
+
+def protein_elbo(model, indices: np.ndarray, proteins: list[str]) -> float:
+    """Held-out ELBO per cell of ``proteins``: the sum of :func:`protein_elbo_parts`."""
+    return sum(protein_elbo_parts(model, indices, proteins).values())
 
 
 # -- scvi-tools (child process in the benchmark venv) -----------------------------------------

@@ -98,7 +98,8 @@ def test_labels_benchmark_runs_our_side(tmp_path):
 
 def test_background_start_sets_the_true_prior_and_nothing_else():
     """background_start.py's starts: "true-c" copies the simulator's c and leaves d as the
-    default start made it; "true-d" the reverse; "default" changes nothing."""
+    default start made it; "true-d" the reverse; "default" changes nothing; "isotype-level"
+    sets every non-isotype protein's c to the isotypes' mean log1p count of its batch."""
     import torch
 
     from pyro_totalvi import TOTALVI
@@ -109,7 +110,7 @@ def test_background_start_sets_the_true_prior_and_nothing_else():
     TOTALVI.setup_anndata(adata, batch_key="batch")
     prior = adata.uns["true_protein_prior"]
     true_c, true_d = np.asarray(prior["c"]), np.asarray(prior["d"])
-    for start in bs.STARTS:
+    for start in ("default", "true-c", "true-d", "true-cd"):
         module = TOTALVI(adata, n_latent=4, n_hidden=16).module
         c0, log_d0 = module.background_c.detach().clone(), module.background_log_d.detach().clone()
         bs.set_start(module, adata, start)
@@ -118,6 +119,13 @@ def test_background_start_sets_the_true_prior_and_nothing_else():
                            else c0), start
         np.testing.assert_allclose(d, true_d if "d" in start[5:] else log_d0.exp(), rtol=1e-6)
     assert not np.allclose(c0, true_c)  # the default start is not the truth: the test can fail
+    bs.set_start(module, adata, "isotype-level")
+    c, n_iso = module.background_c.detach().numpy(), len(adata.uns["isotype_controls"])
+    isotypes = np.log1p(adata.obsm["protein_expression"].to_numpy()[:, -n_iso:])
+    batch = adata.obs["batch"].cat.codes.to_numpy()
+    expected = [isotypes[batch == k].mean() for k in range(2)]
+    np.testing.assert_allclose(c[:-n_iso], np.tile(expected, (len(c) - n_iso, 1)), rtol=1e-5)
+    np.testing.assert_allclose(c[-n_iso:], true_c[-n_iso:], rtol=1e-6)  # untouched (true-cd)
     with pytest.raises(ValueError, match="start must be one of"):
         bs.set_start(module, adata, "true-z")
 
@@ -127,10 +135,13 @@ def test_background_start_small_runs(tmp_path):
     out = tmp_path / "start.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "background_start.py"), "--small",
-         "--setting", "50% positive, strong", "--start", "true-cd", "--out-json", str(out)],
+         "--setting", "50% positive, strong", "--start", "true-cd", "--isotypes",
+         "--module", '{"background_cell_scale": false}', "--out-json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run,) = json.loads(out.read_text())
-    assert run["start"] == "true-cd" and len(run["proteins"]) == 15
+    assert run["start"] == "true-cd" and len(run["proteins"]) == 15 + 3  # isotypes last
+    assert run["isotypes_declared"] and run["module"] == {"background_cell_scale": False}
+    assert run["protein_elbo_parts"]["shift"] == 0.0  # no shift: the option reached the model
     assert 0.0 <= run["auc"] <= 1.0 and math.isfinite(run["protein_elbo"])
     assert "held-out protein ELBO" in proc.stdout
